@@ -1,0 +1,3 @@
+//! Everything placed in guest memory before the first vCPU runs.
+
+pub mod mptable;

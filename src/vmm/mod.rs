@@ -1,0 +1,4 @@
+//! VM and vCPU lifecycle, boot, CPUID, MSRs and guest memory backends.
+
+pub mod boot;
+pub mod cpuid;

@@ -1,1 +1,212 @@
-fn main() {}
+//! The `waterbear` command line. Parsing and exit codes only; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use log::LevelFilter;
+
+use waterbear::vmm::config::{
+    self, check_id, parse_size, KernelSource, MemoryBackend, SerialMode, VmConfig,
+};
+use waterbear::vmm::{RunOutcome, Vmm};
+
+/// Exit codes; docs/cli.md lists them.
+const EXIT_OK: u8 = 0;
+const EXIT_ERROR: u8 = 1;
+const EXIT_GUEST_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "waterbear", version, about = "A microVM monitor with host-failure recovery")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM and stay in the foreground until the guest reboots or powers off.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel to boot: an uncompressed ELF vmlinux (PVH entry used when present) or a
+    /// bzImage. Without it, the built-in test guest boots.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Initial ramdisk for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"; for the built-in
+    /// guest, its parameters such as "ticks=20 tick_ms=100"].
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
+
+    /// Number of vCPUs (every one comes up in the guest).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+
+    /// Guest RAM, e.g. 512M or 2G (a bare number means MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+
+    /// Guest RAM backend: memfd (survives a VMM re-exec) or hugepages (a memfd of huge
+    /// pages; the size must be a multiple of the huge page size).
+    #[arg(long, value_name = "KIND", default_value = "memfd", conflicts_with = "memory_file")]
+    memory_backend: String,
+
+    /// Back guest RAM with this file (on tmpfs, hugetlbfs or a DAX filesystem), mapped
+    /// shared. Created at the right size if missing; an existing file must have exactly
+    /// the --memory size.
+    #[arg(long, value_name = "PATH")]
+    memory_file: Option<PathBuf>,
+
+    /// Where the first serial port goes: stdio (stdin feeds the guest), file=PATH, null.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    serial: String,
+
+    /// Name of the VM; names its state directory [default: vm-<pid>].
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
+
+    /// The VM's state directory [default: /var/lib/waterbear/vms/<id>].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Log level: error, warn, info or debug.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: LevelFilter,
+
+    /// Write the log to this file (appending) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig, config::ConfigError> {
+        let id = self.id.unwrap_or_else(|| format!("vm-{}", std::process::id()));
+        check_id(&id)?;
+        let memory = match self.memory_file {
+            Some(path) => MemoryBackend::File { path },
+            None => self.memory_backend.parse()?,
+        };
+        let kernel = match self.kernel {
+            Some(path) => KernelSource::Path { path },
+            None => KernelSource::Builtin,
+        };
+        let cmdline = match (self.cmdline, &kernel) {
+            (Some(c), _) => c,
+            (None, KernelSource::Builtin) => String::new(),
+            (None, KernelSource::Path { .. }) => config::DEFAULT_CMDLINE.to_string(),
+        };
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_ROOT).join(&id));
+        Ok(VmConfig {
+            id,
+            kernel,
+            initrd: self.initrd,
+            cmdline,
+            cpus: self.cpus,
+            memory_bytes: parse_size(&self.memory)?,
+            memory,
+            serial: self.serial.parse::<SerialMode>()?,
+            state_dir,
+        })
+    }
+}
+
+/// Prints an error with its chain of causes, one per line.
+fn report(err: &dyn std::error::Error) {
+    let mut msg = format!("waterbear: error: {err}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(&format!("\n  caused by: {s}"));
+        source = s.source();
+    }
+    log::error!("{}", msg.replace('\n', " "));
+    eprintln!("{msg}");
+}
+
+/// Puts a terminal stdin into raw mode for the guest console and restores it on drop.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with valid termios pointers.
+        unsafe {
+            if libc::isatty(libc::STDIN_FILENO) != 1 {
+                return RawTerminal(None);
+            }
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+                return RawTerminal(None);
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            // Keep output post-processing so the VMM's own messages still end lines.
+            raw.c_oflag = saved.c_oflag;
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw);
+            RawTerminal(Some(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restores the attributes read from the same descriptor.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        }
+    }
+}
+
+fn run(args: RunArgs) -> u8 {
+    if let Err(e) = waterbear::logger::init(args.log_level, args.log_file.as_deref()) {
+        report(&e);
+        return EXIT_ERROR;
+    }
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let stdio = config.serial == SerialMode::Stdio;
+    let vmm = match Vmm::build(config) {
+        Ok(v) => v,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let _terminal = stdio.then(RawTerminal::enter);
+    match vmm.run() {
+        Ok(RunOutcome::GuestStopped(why)) => {
+            log::info!("{why}; exiting");
+            EXIT_OK
+        }
+        Ok(RunOutcome::GuestFailed(why)) => {
+            eprintln!("waterbear: the guest failed: {why}");
+            log::error!("the guest failed: {why}");
+            EXIT_GUEST_FAILED
+        }
+        Ok(RunOutcome::Signalled(sig)) => 128u8.wrapping_add(sig as u8),
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,148 @@
+//! The VM's state directory: `<root>/<id>/` by default, holding the launch config
+//! (`config.json`) and the lock that marks the VM as running. Host-level commands find
+//! VMs by walking the state root; nothing else is a registry.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::config::VmConfig;
+use super::memory::try_lock_exclusive;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const LOCK_FILE: &str = "vmm.lock";
+/// A saved VM's state; its presence means the directory belongs to a saved VM.
+pub const SAVED_STATE_FILE: &str = "vm.state";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("cannot create state directory {path}; pass --state-dir to use another")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("state directory {path} belongs to a VM that is running now (its lock is held)")]
+    Running { path: PathBuf },
+    #[error("state directory {path} holds a saved VM ({file}); restore it or choose another --id or --state-dir")]
+    HoldsSavedVm { path: PathBuf, file: &'static str },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// A locked state directory. Dropping it releases the lock; `remove` deletes what this
+/// process wrote.
+pub struct StateDir {
+    path: PathBuf,
+    created_dir: bool,
+    _lock: File,
+}
+
+impl StateDir {
+    /// Creates (if needed) and locks the directory. Refuses one whose VM is running or
+    /// that holds a saved VM.
+    pub fn acquire(path: &Path) -> Result<Self, StateDirError> {
+        let created_dir = !path.exists();
+        fs::create_dir_all(path)
+            .map_err(|source| StateDirError::Create { path: path.into(), source })?;
+        let result = Self::lock(path, created_dir);
+        if result.is_err() && created_dir {
+            let _ = fs::remove_dir_all(path);
+        }
+        result
+    }
+
+    fn lock(path: &Path, created_dir: bool) -> Result<Self, StateDirError> {
+        if path.join(SAVED_STATE_FILE).exists() {
+            return Err(StateDirError::HoldsSavedVm { path: path.into(), file: SAVED_STATE_FILE });
+        }
+        let lock_path = path.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StateDirError::Create { path: lock_path.clone(), source })?;
+        if !try_lock_exclusive(&lock) {
+            return Err(StateDirError::Running { path: path.into() });
+        }
+        Ok(StateDir { path: path.into(), created_dir, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `config.json` atomically: temporary name, fsync, rename, fsync of the dir.
+    pub fn write_config(&self, config: &VmConfig) -> Result<(), StateDirError> {
+        let json = serde_json::to_vec_pretty(config).expect("VmConfig always serialises");
+        write_atomic(&self.path.join(CONFIG_FILE), &json)
+    }
+
+    /// Removes the files this process wrote and the directory if it made it and it is
+    /// now empty. Files a user put there (a memory file, logs) stay.
+    pub fn remove(self) {
+        let _ = fs::remove_file(self.path.join(CONFIG_FILE));
+        let _ = fs::remove_file(self.path.join(LOCK_FILE));
+        if self.created_dir {
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
+/// Writes `path` so that readers see the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
+    let werr = |source| StateDirError::Write { path: path.into(), source };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(werr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_vms_directory_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("vm1");
+        let _held = StateDir::acquire(&dir).unwrap();
+        assert!(matches!(StateDir::acquire(&dir), Err(StateDirError::Running { .. })));
+    }
+
+    #[test]
+    fn a_saved_vms_directory_is_refused_and_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("vm1");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join(SAVED_STATE_FILE), b"state").unwrap();
+        assert!(matches!(StateDir::acquire(&dir), Err(StateDirError::HoldsSavedVm { .. })));
+        assert_eq!(fs::read(dir.join(SAVED_STATE_FILE)).unwrap(), b"state");
+        assert!(!dir.join(LOCK_FILE).exists());
+    }
+
+    #[test]
+    fn remove_deletes_what_it_created_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("vm1");
+        let sd = StateDir::acquire(&dir).unwrap();
+        write_atomic(&dir.join(CONFIG_FILE), b"{}").unwrap();
+        sd.remove();
+        assert!(!dir.exists());
+
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("user-file"), b"x").unwrap();
+        StateDir::acquire(&dir).unwrap().remove();
+        assert!(dir.join("user-file").exists());
+    }
+}

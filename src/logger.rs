@@ -27,7 +27,9 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let thread = std::thread::current();
         let line = format!(
             "{}.{:06} {:<5} [{}] {}\n",
@@ -53,9 +55,19 @@ impl Log for Logger {
 #[derive(Debug, thiserror::Error)]
 pub enum LoggerError {
     #[error("cannot open log file {path}")]
-    Open { path: std::path::PathBuf, source: std::io::Error },
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("a logger is already installed")]
     AlreadySet,
+}
+
+static LOGS_TO_FILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether records go to a log file (and so not to the terminal the user watches).
+pub fn logs_to_file() -> bool {
+    LOGS_TO_FILE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Installs the logger for the process.
@@ -66,10 +78,14 @@ pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<(), LoggerError> 
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| LoggerError::Open { path: path.into(), source })?,
+                .map_err(|source| LoggerError::Open {
+                    path: path.into(),
+                    source,
+                })?,
         )),
         None => None,
     };
+    LOGS_TO_FILE.store(file.is_some(), std::sync::atomic::Ordering::Relaxed);
     log::set_boxed_logger(Box::new(Logger { level, file })).map_err(|_| LoggerError::AlreadySet)?;
     log::set_max_level(level);
     Ok(())

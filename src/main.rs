@@ -17,7 +17,11 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_GUEST_FAILED: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "waterbear", version, about = "A microVM monitor with host-failure recovery")]
+#[command(
+    name = "waterbear",
+    version,
+    about = "A microVM monitor with host-failure recovery"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +59,12 @@ struct RunArgs {
 
     /// Guest RAM backend: memfd (survives a VMM re-exec) or hugepages (a memfd of huge
     /// pages; the size must be a multiple of the huge page size).
-    #[arg(long, value_name = "KIND", default_value = "memfd", conflicts_with = "memory_file")]
+    #[arg(
+        long,
+        value_name = "KIND",
+        default_value = "memfd",
+        conflicts_with = "memory_file"
+    )]
     memory_backend: String,
 
     /// Back guest RAM with this file (on tmpfs, hugetlbfs or a DAX filesystem), mapped
@@ -87,7 +96,9 @@ struct RunArgs {
 
 impl RunArgs {
     fn into_config(self) -> Result<VmConfig, config::ConfigError> {
-        let id = self.id.unwrap_or_else(|| format!("vm-{}", std::process::id()));
+        let id = self
+            .id
+            .unwrap_or_else(|| format!("vm-{}", std::process::id()));
         check_id(&id)?;
         let memory = match self.memory_file {
             Some(path) => MemoryBackend::File { path },
@@ -127,7 +138,9 @@ fn report(err: &dyn std::error::Error) {
         msg.push_str(&format!("\n  caused by: {s}"));
         source = s.source();
     }
-    log::error!("{}", msg.replace('\n', " "));
+    if waterbear::logger::logs_to_file() {
+        log::error!("{}", msg.replace('\n', " "));
+    }
     eprintln!("{msg}");
 }
 
@@ -192,7 +205,9 @@ fn run(args: RunArgs) -> u8 {
         }
         Ok(RunOutcome::GuestFailed(why)) => {
             eprintln!("waterbear: the guest failed: {why}");
-            log::error!("the guest failed: {why}");
+            if waterbear::logger::logs_to_file() {
+                log::error!("the guest failed: {why}");
+            }
             EXIT_GUEST_FAILED
         }
         Ok(RunOutcome::Signalled(sig)) => 128u8.wrapping_add(sig as u8),
@@ -204,6 +219,7 @@ fn run(args: RunArgs) -> u8 {
 }
 
 fn main() -> ExitCode {
+    waterbear::vmm::events::block_stop_signals();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args),

@@ -44,7 +44,11 @@ impl PioBus {
         let Some(end) = end else {
             return Err(BusError::BadRange { base, len });
         };
-        if self.entries.iter().any(|e| base <= e.base + (e.len - 1) && e.base <= end) {
+        if self
+            .entries
+            .iter()
+            .any(|e| base <= e.base + (e.len - 1) && e.base <= end)
+        {
             return Err(BusError::Overlap { base, len });
         }
         self.entries.push(Entry { base, len, device });
@@ -52,7 +56,9 @@ impl PioBus {
     }
 
     fn find(&self, port: u16) -> Option<&Entry> {
-        self.entries.iter().find(|e| port >= e.base && port - e.base < e.len)
+        self.entries
+            .iter()
+            .find(|e| port >= e.base && port - e.base < e.len)
     }
 
     /// Handles an `in`; returns false when no device claims the port.
@@ -104,7 +110,8 @@ mod tests {
     #[test]
     fn reads_and_writes_reach_the_device_at_its_offset() {
         let mut bus = PioBus::new();
-        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10)))).unwrap();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10))))
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
         assert_eq!(b[0], 0x12);
@@ -131,6 +138,8 @@ mod tests {
             bus.insert(0x5f, 2, Arc::new(Mutex::new(Echo(0)))).err(),
             Some(BusError::Overlap { base: 0x5f, len: 2 })
         );
-        assert!(bus.insert(0xffff, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus
+            .insert(0xffff, 2, Arc::new(Mutex::new(Echo(0))))
+            .is_err());
     }
 }

@@ -111,7 +111,11 @@ mod tests {
         let mut dev = I8042::new(evt);
         let mut b = [0u8; 1];
         dev.read(COMMAND_OFFSET, &mut b);
-        assert_eq!(b[0] & 0x02, 0, "input buffer must read as empty so the guest can write");
+        assert_eq!(
+            b[0] & 0x02,
+            0,
+            "input buffer must read as empty so the guest can write"
+        );
     }
 
     #[test]

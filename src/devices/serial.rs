@@ -31,7 +31,10 @@ const OUTPUT_QUEUE_BYTES: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     #[error("cannot open serial output file {path}")]
-    OpenFile { path: std::path::PathBuf, source: io::Error },
+    OpenFile {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] io::Error),
     #[error("cannot start the serial output thread")]
@@ -79,7 +82,9 @@ pub struct SerialOut {
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let Some(shared) = &self.shared else { return Ok(buf.len()) };
+        let Some(shared) = &self.shared else {
+            return Ok(buf.len());
+        };
         let (queue, ready) = &**shared;
         let mut q = lock(queue);
         let room = OUTPUT_QUEUE_BYTES.saturating_sub(q.bytes.len());
@@ -154,8 +159,18 @@ pub fn output_for(mode: &SerialMode) -> Result<(SerialOut, OutputPump), SerialEr
     let dropped = Arc::new(AtomicU64::new(0));
     let sink: Box<dyn Write + Send> = match mode {
         SerialMode::Null => {
-            let out = SerialOut { shared: None, dropped: dropped.clone() };
-            return Ok((out, OutputPump { shared: None, thread: None, dropped }));
+            let out = SerialOut {
+                shared: None,
+                dropped: dropped.clone(),
+            };
+            return Ok((
+                out,
+                OutputPump {
+                    shared: None,
+                    thread: None,
+                    dropped,
+                },
+            ));
         }
         SerialMode::Stdio => Box::new(io::stdout()),
         SerialMode::File { path } => Box::new(
@@ -163,7 +178,10 @@ pub fn output_for(mode: &SerialMode) -> Result<(SerialOut, OutputPump), SerialEr
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| SerialError::OpenFile { path: path.clone(), source })?,
+                .map_err(|source| SerialError::OpenFile {
+                    path: path.clone(),
+                    source,
+                })?,
         ),
     };
     let shared = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
@@ -172,8 +190,18 @@ pub fn output_for(mode: &SerialMode) -> Result<(SerialOut, OutputPump), SerialEr
         .name("serial-out".into())
         .spawn(move || pump(thread_shared, sink))
         .map_err(SerialError::Thread)?;
-    let out = SerialOut { shared: Some(shared.clone()), dropped: dropped.clone() };
-    Ok((out, OutputPump { shared: Some(shared), thread: Some(thread), dropped }))
+    let out = SerialOut {
+        shared: Some(shared.clone()),
+        dropped: dropped.clone(),
+    };
+    Ok((
+        out,
+        OutputPump {
+            shared: Some(shared),
+            thread: Some(thread),
+            dropped,
+        },
+    ))
 }
 
 /// The UART as seen from the port I/O bus.
@@ -184,7 +212,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     pub fn new(irq: EventFd, input_ready: EventFd, out: SerialOut) -> Self {
         let events = InputEvents { input_ready };
-        SerialDevice { uart: Serial::with_events(IrqTrigger(irq), events, out) }
+        SerialDevice {
+            uart: Serial::with_events(IrqTrigger(irq), events, out),
+        }
     }
 
     /// Queues input bytes for the guest; returns how many fitted in the FIFO.
@@ -253,7 +283,11 @@ impl SerialInput {
             return;
         }
         let events = Events::new_raw(self.input_fd, EventSet::IN);
-        let result = if watch { ops.add(events) } else { ops.remove(events) };
+        let result = if watch {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
         match result {
             Ok(()) => self.watching_input = watch,
             Err(e) => {

@@ -28,11 +28,15 @@ pub enum ConfigError {
     MemoryTooSmall { size: u64, min: u64 },
     #[error("guest memory of {size} bytes is not a multiple of the {page}-byte page size")]
     MemoryNotPageAligned { size: u64, page: u64 },
-    #[error("invalid VM id '{0}': use 1 to 64 characters from A-Z a-z 0-9 . _ - not starting with '.'")]
+    #[error(
+        "invalid VM id '{0}': use 1 to 64 characters from A-Z a-z 0-9 . _ - not starting with '.'"
+    )]
     BadId(String),
     #[error("invalid serial mode '{0}': expected stdio, null or file=PATH")]
     BadSerial(String),
-    #[error("invalid memory backend '{0}': expected memfd or hugepages (use --memory-file for a file)")]
+    #[error(
+        "invalid memory backend '{0}': expected memfd or hugepages (use --memory-file for a file)"
+    )]
     BadBackend(String),
     #[error("--cpus must be at least 1")]
     NoCpus,
@@ -129,7 +133,10 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         "B" => 0,
         _ => return Err(bad()),
     };
-    value.checked_mul(1u64 << shift).filter(|v| *v > 0).ok_or_else(bad)
+    value
+        .checked_mul(1u64 << shift)
+        .filter(|v| *v > 0)
+        .ok_or_else(bad)
 }
 
 /// Checks a VM id: it names a directory under the state root, so no separators, no
@@ -145,10 +152,16 @@ pub fn check_id(id: &str) -> Result<(), ConfigError> {
 /// Checks the memory size against the minimum and the page size of the backend.
 pub fn check_memory(size: u64, page_size: u64) -> Result<(), ConfigError> {
     if size < MIN_MEMORY {
-        return Err(ConfigError::MemoryTooSmall { size, min: MIN_MEMORY });
+        return Err(ConfigError::MemoryTooSmall {
+            size,
+            min: MIN_MEMORY,
+        });
     }
     if size % page_size != 0 {
-        return Err(ConfigError::MemoryNotPageAligned { size, page: page_size });
+        return Err(ConfigError::MemoryNotPageAligned {
+            size,
+            page: page_size,
+        });
     }
     Ok(())
 }
@@ -186,16 +199,27 @@ mod tests {
         check_memory(512 << 20, 2 << 20).unwrap();
         assert_eq!(
             check_memory((512 << 20) + 4096, 2 << 20),
-            Err(ConfigError::MemoryNotPageAligned { size: (512 << 20) + 4096, page: 2 << 20 })
+            Err(ConfigError::MemoryNotPageAligned {
+                size: (512 << 20) + 4096,
+                page: 2 << 20
+            })
         );
-        assert!(matches!(check_memory(1 << 20, 4096), Err(ConfigError::MemoryTooSmall { .. })));
+        assert!(matches!(
+            check_memory(1 << 20, 4096),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
     }
 
     #[test]
     fn serial_modes_parse() {
         assert_eq!("stdio".parse(), Ok(SerialMode::Stdio));
         assert_eq!("null".parse(), Ok(SerialMode::Null));
-        assert_eq!("file=/tmp/x".parse(), Ok(SerialMode::File { path: "/tmp/x".into() }));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(SerialMode::File {
+                path: "/tmp/x".into()
+            })
+        );
         assert!("file=".parse::<SerialMode>().is_err());
         assert!("tcp".parse::<SerialMode>().is_err());
     }

@@ -226,14 +226,10 @@ fn x2apic_topology(function: u32, topology: Topology) -> [kvm_cpuid_entry2; 3] {
         edx: topology.apic_id(),
         ..Default::default()
     };
+    let cores = u32::from(topology.num_cpus);
     [
         level(0, LEVEL_TYPE_SMT, 0, 1),
-        level(
-            1,
-            LEVEL_TYPE_CORE,
-            topology.core_bits(),
-            u32::from(topology.num_cpus),
-        ),
+        level(1, LEVEL_TYPE_CORE, topology.core_bits(), cores),
         level(2, LEVEL_TYPE_INVALID, 0, 0),
     ]
 }

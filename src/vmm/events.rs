@@ -64,7 +64,8 @@ impl MutEventSubscriber for Lifecycle {
             };
             if n > 0 {
                 log::info!("received signal {}; stopping the VM", info.ssi_signo);
-                self.ended.get_or_insert(LoopEnd::Signal(info.ssi_signo as i32));
+                self.ended
+                    .get_or_insert(LoopEnd::Signal(info.ssi_signo as i32));
             }
         }
     }
@@ -75,26 +76,38 @@ fn unsafe_zeroed_siginfo() -> libc::signalfd_siginfo {
     unsafe { std::mem::zeroed() }
 }
 
-/// Blocks the stop signals in this thread (and so in threads it spawns later) and
-/// returns a signalfd that receives them.
-fn stop_signal_fd() -> Option<OwnedFd> {
-    // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask and
-    // signalfd get valid pointers; the returned descriptor is checked.
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for s in STOP_SIGNALS {
             libc::sigaddset(&mut set, s);
         }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return None;
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return None;
-        }
-        Some(OwnedFd::from_raw_fd(fd))
+        set
     }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it starts
+/// afterwards, so that they reach the event loop's signalfd and not a default handler.
+/// Call it first thing in `main`, before any thread exists.
+pub fn block_stop_signals() {
+    let set = stop_signal_set();
+    // SAFETY: a valid, initialised signal set and a null old-set pointer.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// A signalfd receiving the stop signals (pending ones included).
+fn stop_signal_fd() -> Option<OwnedFd> {
+    let set = stop_signal_set();
+    // SAFETY: a valid signal set; the returned descriptor is checked before use.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        log::warn!("cannot create a signalfd; SIGTERM will kill the VMM without clean-up");
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub struct EventLoop {
@@ -103,8 +116,8 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Sets up the loop. Call before starting vCPU threads, so that they inherit the
-    /// blocked stop signals and only the signalfd sees them.
+    /// Sets up the loop. The stop signals must already be blocked in every thread
+    /// (see `block_stop_signals`) for the signalfd to see them.
     pub fn new(
         exit: Arc<ExitSignal>,
         reset_evt: &EventFd,
@@ -112,7 +125,10 @@ impl EventLoop {
     ) -> Result<Self, VmmError> {
         let mut manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let dup = |e: &EventFd| {
-            e.try_clone().map_err(|source| VmmError::Setup { what: "the event loop", source })
+            e.try_clone().map_err(|source| VmmError::Setup {
+                what: "the event loop",
+                source,
+            })
         };
         let lifecycle = Arc::new(Mutex::new(Lifecycle {
             exit,

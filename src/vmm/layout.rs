@@ -50,6 +50,14 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+// The boot structures must not overlap one another.
+const _: () = assert!(BOOT_IDT_START + 8 <= PVH_INFO_START);
+const _: () = assert!(PVH_MEMMAP_START + (PVH_MEMMAP_MAX as u64) * 24 <= PVH_MODLIST_START);
+const _: () = assert!(PVH_MODLIST_START + 32 <= ZERO_PAGE_START);
+const _: () = assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
+const _: () = assert!(PDE_START + PDE_COUNT * 0x1000 <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+
 /// Guest RAM ranges for `size` bytes of RAM: one range below the MMIO hole and, when the
 /// RAM does not fit under it, a second range starting at 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
@@ -74,17 +82,10 @@ mod tests {
     fn ram_above_gap_is_split_at_four_gib() {
         let size = 4u64 << 30;
         let ranges = ram_ranges(size);
-        assert_eq!(ranges, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]);
+        assert_eq!(
+            ranges,
+            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+        );
         assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), size);
-    }
-
-    #[test]
-    fn boot_structures_do_not_overlap() {
-        assert!(BOOT_IDT_START + 8 <= PVH_INFO_START);
-        assert!(PVH_MEMMAP_START + (PVH_MEMMAP_MAX as u64) * 24 <= PVH_MODLIST_START);
-        assert!(PVH_MODLIST_START + 32 <= ZERO_PAGE_START);
-        assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
-        assert!(PDE_START + PDE_COUNT * 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

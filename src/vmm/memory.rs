@@ -24,9 +24,17 @@ pub enum MemoryError {
     #[error("cannot create the guest memory memfd")]
     Memfd(#[source] std::io::Error),
     #[error("cannot open memory file {path}")]
-    OpenFile { path: PathBuf, source: std::io::Error },
+    OpenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("memory file {path} has {actual} bytes but the VM needs {expected}; use another file or --memory {actual_mib}M")]
-    FileSize { path: PathBuf, actual: u64, expected: u64, actual_mib: u64 },
+    FileSize {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+        actual_mib: u64,
+    },
     #[error("memory file {path} holds a saved VM's memory (marker {marker} exists); restore that VM or remove both files")]
     HoldsSavedVm { path: PathBuf, marker: PathBuf },
     #[error("memory file {path} is in use by another VMM")]
@@ -38,7 +46,11 @@ pub enum MemoryError {
     #[error("not enough free huge pages for {size} bytes of guest memory ({free} bytes free in {page}-byte pages); reserve more in /proc/sys/vm/nr_hugepages")]
     HugepagesShort { size: u64, free: u64, page: u64 },
     #[error("cannot map {size} bytes of guest memory at guest address {addr:#x}")]
-    Map { size: u64, addr: u64, source: vm_memory::mmap::MmapRegionError },
+    Map {
+        size: u64,
+        addr: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
     #[error("cannot assemble the guest memory map")]
     Regions(#[source] vm_memory::region::GuestRegionCollectionError),
     #[error("guest memory region at {0:#x} wraps past the end of the address space")]
@@ -79,7 +91,13 @@ impl GuestRam {
                 return Err(e);
             }
         };
-        Ok(GuestRam { mem, file, size, backend: backend.clone(), created_file })
+        Ok(GuestRam {
+            mem,
+            file,
+            size,
+            backend: backend.clone(),
+            created_file,
+        })
     }
 
     /// Removes the memory file if this process created it: used when a start fails, so
@@ -138,18 +156,31 @@ fn create_memfd(size: u64, hugetlb: bool) -> Result<File, MemoryError> {
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|source| MemoryError::Resize { size, source })?;
+    file.set_len(size)
+        .map_err(|source| MemoryError::Resize { size, source })?;
     Ok(file)
 }
 
 fn open_memory_file(path: &Path, size: u64) -> Result<File, MemoryError> {
     let marker = saved_marker(path);
     if marker.exists() {
-        return Err(MemoryError::HoldsSavedVm { path: path.into(), marker });
+        return Err(MemoryError::HoldsSavedVm {
+            path: path.into(),
+            marker,
+        });
     }
-    let open_err = |source| MemoryError::OpenFile { path: path.into(), source };
+    let open_err = |source| MemoryError::OpenFile {
+        path: path.into(),
+        source,
+    };
     let existed = path.exists();
-    let file = OpenOptions::new().read(true).write(true).create(true).open(path).map_err(open_err)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
     if !meta.file_type().is_file() {
         return Err(MemoryError::NotRegular { path: path.into() });
@@ -192,7 +223,11 @@ fn map_shared(file: &Arc<File>, size: u64) -> Result<GuestMemoryMmap, MemoryErro
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_NORESERVE,
         )
-        .map_err(|source| MemoryError::Map { size: len, addr: start, source })?;
+        .map_err(|source| MemoryError::Map {
+            size: len,
+            addr: start,
+            source,
+        })?;
         let region = GuestRegionMmap::new(region, GuestAddress(start))
             .ok_or(MemoryError::RegionOverflow(start))?;
         regions.push(region);
@@ -231,8 +266,13 @@ mod tests {
     fn memfd_ram_is_shared_and_sized() {
         let ram = GuestRam::create(&MemoryBackend::Memfd, 32 << 20).unwrap();
         assert_eq!(ram.file().metadata().unwrap().len(), 32 << 20);
-        ram.memory().write_obj(0xabcdu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xabcd);
+        ram.memory()
+            .write_obj(0xabcdu32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xabcd
+        );
         assert_eq!(ram.memory().num_regions(), 1);
     }
 
@@ -241,7 +281,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
         let ram = GuestRam::create(&MemoryBackend::File { path: path.clone() }, 16 << 20).unwrap();
-        ram.memory().write_slice(b"waterbear", GuestAddress(0x2000)).unwrap();
+        ram.memory()
+            .write_slice(b"waterbear", GuestAddress(0x2000))
+            .unwrap();
         drop(ram);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[0x2000..0x2009], b"waterbear");
@@ -255,7 +297,10 @@ mod tests {
         let err = GuestRam::create(&MemoryBackend::File { path: path.clone() }, 16 << 20)
             .err()
             .unwrap();
-        assert!(matches!(err, MemoryError::FileSize { actual: 4096, .. }), "{err}");
+        assert!(
+            matches!(err, MemoryError::FileSize { actual: 4096, .. }),
+            "{err}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 4096]);
     }
 
@@ -265,7 +310,9 @@ mod tests {
         let path = dir.path().join("mem");
         std::fs::write(&path, vec![1u8; 16 << 20]).unwrap();
         std::fs::write(saved_marker(&path), b"{}").unwrap();
-        let err = GuestRam::create(&MemoryBackend::File { path }, 16 << 20).err().unwrap();
+        let err = GuestRam::create(&MemoryBackend::File { path }, 16 << 20)
+            .err()
+            .unwrap();
         assert!(matches!(err, MemoryError::HoldsSavedVm { .. }), "{err}");
     }
 

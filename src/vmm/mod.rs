@@ -16,7 +16,7 @@ pub mod state_dir;
 pub mod vcpu;
 pub mod vm;
 
-mod events;
+pub mod events;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,13 +65,22 @@ pub enum VmmError {
     #[error("cannot get KVM's supported CPUID")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("cannot build the CPUID of vCPU {index}")]
-    Cpuid { index: u8, source: cpuid::CpuidError },
+    Cpuid {
+        index: u8,
+        source: cpuid::CpuidError,
+    },
     #[error("cannot read the built-in test guest")]
     TestGuest(#[source] std::io::Error),
     #[error("cannot set up {what}")]
-    Setup { what: &'static str, source: std::io::Error },
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot wire the interrupt of {what}")]
-    Irq { what: &'static str, source: kvm_ioctls::Error },
+    Irq {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("the device event loop failed")]
     EventLoop(#[source] event_manager::Error),
 }
@@ -114,7 +123,10 @@ fn check_inputs(config: &VmConfig) -> Result<CheckedKernel, VmmError> {
         return Err(ConfigError::NoCpus.into());
     }
     if config.cpus > MAX_CPUS {
-        return Err(VmmError::TooManyCpus { requested: config.cpus, max: MAX_CPUS });
+        return Err(VmmError::TooManyCpus {
+            requested: config.cpus,
+            max: MAX_CPUS,
+        });
     }
     check_memory(config.memory_bytes, backend_page_size(&config.memory))?;
     let image = match &config.kernel {
@@ -160,57 +172,35 @@ impl Vmm {
                 return Err(e.into());
             }
         };
-        match Self::assemble(config, checked, kvm, ram, state_dir) {
-            Ok(vmm) => {
-                log::info!(
-                    "VM {} built in {} ms: {} vCPUs, {} MiB",
-                    vmm.config.id,
-                    started.elapsed().as_millis(),
-                    vmm.config.cpus,
-                    vmm.config.memory_bytes >> 20
-                );
-                Ok(vmm)
-            }
-            Err((e, ram, state_dir)) => {
+        let parts = match assemble(&config, checked, &kvm, &ram, &state_dir) {
+            Ok(parts) => parts,
+            Err(e) => {
                 ram.discard_if_created();
                 state_dir.remove();
-                Err(e)
+                return Err(e);
             }
-        }
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn assemble(
-        config: VmConfig,
-        checked: CheckedKernel,
-        kvm: Kvm,
-        ram: GuestRam,
-        state_dir: StateDir,
-    ) -> Result<Self, (VmmError, GuestRam, StateDir)> {
-        let parts = (|| {
-            let vm = vm::create_vm(&kvm, ram.memory())?;
-            let entry = load_guest(&config, checked, &ram)?;
-            let devices = create_devices(&vm, &config.serial)?;
-            let vcpus = create_vcpus(&kvm, &vm, &ram, config.cpus, entry)?;
-            state_dir.write_config(&config)?;
-            Ok::<_, VmmError>((vm, devices, vcpus))
-        })();
-        match parts {
-            Ok((vm, devices, vcpus)) => Ok(Vmm {
-                config,
-                vcpus,
-                vm,
-                _kvm: kvm,
-                ram,
-                pio: Arc::new(devices.pio),
-                serial: devices.serial,
-                serial_input_ready: devices.serial_input_ready,
-                serial_pump: devices.serial_pump,
-                reset_evt: devices.reset_evt,
-                state_dir,
-            }),
-            Err(e) => Err((e, ram, state_dir)),
-        }
+        };
+        let (vm, devices, vcpus) = parts;
+        log::info!(
+            "VM {} built in {} ms: {} vCPUs, {} MiB",
+            config.id,
+            started.elapsed().as_millis(),
+            config.cpus,
+            config.memory_bytes >> 20
+        );
+        Ok(Vmm {
+            config,
+            vcpus,
+            vm,
+            _kvm: kvm,
+            ram,
+            pio: Arc::new(devices.pio),
+            serial: devices.serial,
+            serial_input_ready: devices.serial_input_ready,
+            serial_pump: devices.serial_pump,
+            reset_evt: devices.reset_evt,
+            state_dir,
+        })
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -282,6 +272,23 @@ impl Vmm {
     }
 }
 
+/// Creates the KVM VM, loads the guest, and creates devices and vCPUs; records the
+/// configuration last, once the VM exists.
+fn assemble(
+    config: &VmConfig,
+    checked: CheckedKernel,
+    kvm: &Kvm,
+    ram: &GuestRam,
+    state_dir: &StateDir,
+) -> Result<(VmFd, Devices, Vec<Vcpu>), VmmError> {
+    let vm = vm::create_vm(kvm, ram.memory())?;
+    let entry = load_guest(config, checked, ram)?;
+    let devices = create_devices(&vm, &config.serial)?;
+    let vcpus = create_vcpus(kvm, &vm, ram, config.cpus, entry)?;
+    state_dir.write_config(config)?;
+    Ok((vm, devices, vcpus))
+}
+
 fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
     stop.store(true, Ordering::Release);
     for h in &handles {
@@ -304,20 +311,30 @@ fn load_guest(
     let initrd = match (&checked.initrd, &config.initrd) {
         (Some(initrd), Some(path)) => {
             let size = initrd.data.len() as u64;
-            let addr = checked.image.initrd_placement(path, size, kernel.kernel_end, ram.size())?;
+            let addr = checked
+                .image
+                .initrd_placement(path, size, kernel.kernel_end, ram.size())?;
             initrd.load(mem, addr)?;
             Some((addr, size))
         }
         _ => None,
     };
     write_cmdline(mem, CMDLINE_START, &config.cmdline)?;
-    let data = BootData { cmdline_addr: CMDLINE_START, cmdline_len: config.cmdline.len(), initrd };
+    let data = BootData {
+        cmdline_addr: CMDLINE_START,
+        cmdline_len: config.cmdline.len(),
+        initrd,
+    };
     match kernel.entry {
         EntryPoint::Pvh(_) => write_pvh_info(mem, &data, ram.size())?,
         EntryPoint::Linux64(_) => write_boot_params(mem, kernel.header, &data, ram.size())?,
     }
     setup_mptable(mem, config.cpus).map_err(VmmError::Mptable)?;
-    log::debug!("kernel entry {:?}, kernel ends at {:#x}", kernel.entry, kernel.kernel_end);
+    log::debug!(
+        "kernel entry {:?}, kernel ends at {:#x}",
+        kernel.entry,
+        kernel.kernel_end
+    );
     Ok(kernel.entry)
 }
 
@@ -336,9 +353,15 @@ fn new_eventfd(what: &'static str) -> Result<EventFd, VmmError> {
 fn create_devices(vm: &VmFd, serial_mode: &SerialMode) -> Result<Devices, VmmError> {
     let serial_irq = new_eventfd("the serial interrupt")?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|source| VmmError::Irq { what: "the serial port", source })?;
+        .map_err(|source| VmmError::Irq {
+            what: "the serial port",
+            source,
+        })?;
     let input_ready = new_eventfd("the serial input event")?;
-    let dup = |e: &EventFd, what| e.try_clone().map_err(|source| VmmError::Setup { what, source });
+    let dup = |e: &EventFd, what| {
+        e.try_clone()
+            .map_err(|source| VmmError::Setup { what, source })
+    };
     let (out, serial_pump) = output_for(serial_mode)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,
@@ -353,9 +376,16 @@ fn create_devices(vm: &VmFd, serial_mode: &SerialMode) -> Result<Devices, VmmErr
         what: "the port I/O bus",
         source: std::io::Error::other(e),
     };
-    pio.insert(COM1_BASE, COM1_LEN, serial.clone()).map_err(bus_err)?;
+    pio.insert(COM1_BASE, COM1_LEN, serial.clone())
+        .map_err(bus_err)?;
     pio.insert(I8042_BASE, I8042_LEN, i8042).map_err(bus_err)?;
-    Ok(Devices { pio, serial, serial_input_ready: input_ready, serial_pump, reset_evt })
+    Ok(Devices {
+        pio,
+        serial,
+        serial_input_ready: input_ready,
+        serial_pump,
+        reset_evt,
+    })
 }
 
 fn create_vcpus(

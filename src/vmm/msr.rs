@@ -34,7 +34,11 @@ pub fn boot_msrs() -> Msrs {
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ]
     .iter()
-    .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|&(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect();
     Msrs::from_entries(&entries).expect("the boot MSR list is far below the FAM limit")
 }
@@ -46,7 +50,11 @@ mod tests {
     #[test]
     fn boot_msrs_enable_writeback_mtrrs() {
         let msrs = boot_msrs();
-        let mtrr = msrs.as_slice().iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).unwrap();
+        let mtrr = msrs
+            .as_slice()
+            .iter()
+            .find(|e| e.index == MSR_MTRR_DEF_TYPE)
+            .unwrap();
         assert_eq!(mtrr.data & 0xff, 6);
         assert_ne!(mtrr.data & (1 << 11), 0);
     }

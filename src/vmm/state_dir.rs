@@ -17,13 +17,19 @@ pub const SAVED_STATE_FILE: &str = "vm.state";
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {
     #[error("cannot create state directory {path}; pass --state-dir to use another")]
-    Create { path: PathBuf, source: std::io::Error },
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("state directory {path} belongs to a VM that is running now (its lock is held)")]
     Running { path: PathBuf },
     #[error("state directory {path} holds a saved VM ({file}); restore it or choose another --id or --state-dir")]
     HoldsSavedVm { path: PathBuf, file: &'static str },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A locked state directory. Dropping it releases the lock; `remove` deletes what this
@@ -39,8 +45,10 @@ impl StateDir {
     /// that holds a saved VM.
     pub fn acquire(path: &Path) -> Result<Self, StateDirError> {
         let created_dir = !path.exists();
-        fs::create_dir_all(path)
-            .map_err(|source| StateDirError::Create { path: path.into(), source })?;
+        fs::create_dir_all(path).map_err(|source| StateDirError::Create {
+            path: path.into(),
+            source,
+        })?;
         let result = Self::lock(path, created_dir);
         if result.is_err() && created_dir {
             let _ = fs::remove_dir_all(path);
@@ -50,7 +58,10 @@ impl StateDir {
 
     fn lock(path: &Path, created_dir: bool) -> Result<Self, StateDirError> {
         if path.join(SAVED_STATE_FILE).exists() {
-            return Err(StateDirError::HoldsSavedVm { path: path.into(), file: SAVED_STATE_FILE });
+            return Err(StateDirError::HoldsSavedVm {
+                path: path.into(),
+                file: SAVED_STATE_FILE,
+            });
         }
         let lock_path = path.join(LOCK_FILE);
         let lock = OpenOptions::new()
@@ -58,11 +69,18 @@ impl StateDir {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| StateDirError::Create { path: lock_path.clone(), source })?;
+            .map_err(|source| StateDirError::Create {
+                path: lock_path.clone(),
+                source,
+            })?;
         if !try_lock_exclusive(&lock) {
             return Err(StateDirError::Running { path: path.into() });
         }
-        Ok(StateDir { path: path.into(), created_dir, _lock: lock })
+        Ok(StateDir {
+            path: path.into(),
+            created_dir,
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -88,7 +106,10 @@ impl StateDir {
 
 /// Writes `path` so that readers see the old content or the new, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
-    let werr = |source| StateDirError::Write { path: path.into(), source };
+    let werr = |source| StateDirError::Write {
+        path: path.into(),
+        source,
+    };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -117,7 +138,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("vm1");
         let _held = StateDir::acquire(&dir).unwrap();
-        assert!(matches!(StateDir::acquire(&dir), Err(StateDirError::Running { .. })));
+        assert!(matches!(
+            StateDir::acquire(&dir),
+            Err(StateDirError::Running { .. })
+        ));
     }
 
     #[test]
@@ -126,7 +150,10 @@ mod tests {
         let dir = root.path().join("vm1");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join(SAVED_STATE_FILE), b"state").unwrap();
-        assert!(matches!(StateDir::acquire(&dir), Err(StateDirError::HoldsSavedVm { .. })));
+        assert!(matches!(
+            StateDir::acquire(&dir),
+            Err(StateDirError::HoldsSavedVm { .. })
+        ));
         assert_eq!(fs::read(dir.join(SAVED_STATE_FILE)).unwrap(), b"state");
         assert!(!dir.join(LOCK_FILE).exists());
     }

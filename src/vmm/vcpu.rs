@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_run, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,9 +32,16 @@ const APIC_MODE_NMI: u32 = 0x4;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("cannot create vCPU {index}")]
-    Create { index: u8, source: kvm_ioctls::Error },
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot set {what} on vCPU {index}")]
-    Set { index: u8, what: &'static str, source: kvm_ioctls::Error },
+    Set {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM accepted {set} of {total} boot MSRs on vCPU {index}")]
     ShortMsrs { index: u8, set: usize, total: usize },
     #[error("cannot set up the boot state of vCPU {index}")]
@@ -62,7 +71,10 @@ pub struct ExitSignal {
 
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitSignal { evt: EventFd::new(libc::EFD_NONBLOCK)?, reason: Mutex::new(None) })
+        Ok(ExitSignal {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })
     }
 
     pub fn eventfd(&self) -> &EventFd {
@@ -119,13 +131,19 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
         Ok(Vcpu { index, fd })
     }
 
     fn set_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let index = self.index;
-        move |source| VcpuError::Set { index, what, source }
+        move |source| VcpuError::Set {
+            index,
+            what,
+            source,
+        }
     }
 
     /// Sets CPUID, boot MSRs, and the LAPIC's LINT0/LINT1 wiring; for the boot vCPU
@@ -140,18 +158,31 @@ impl Vcpu {
         let msrs = boot_msrs();
         let set = self.fd.set_msrs(&msrs).map_err(self.set_err("MSRs"))?;
         if set != msrs.as_slice().len() {
-            return Err(VcpuError::ShortMsrs { index: self.index, set, total: msrs.as_slice().len() });
+            return Err(VcpuError::ShortMsrs {
+                index: self.index,
+                set,
+                total: msrs.as_slice().len(),
+            });
         }
 
         self.set_lint()?;
         self.fd.set_fpu(&boot_fpu()).map_err(self.set_err("FPU"))?;
 
         if let Some((mem, entry)) = boot {
-            let sregs = self.fd.get_sregs().map_err(self.set_err("special registers"))?;
-            let sregs = boot_sregs(mem, entry, sregs)
-                .map_err(|source| VcpuError::Boot { index: self.index, source })?;
-            self.fd.set_sregs(&sregs).map_err(self.set_err("special registers"))?;
-            self.fd.set_regs(&boot_regs(entry)).map_err(self.set_err("registers"))?;
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.set_err("special registers"))?;
+            let sregs = boot_sregs(mem, entry, sregs).map_err(|source| VcpuError::Boot {
+                index: self.index,
+                source,
+            })?;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.set_err("special registers"))?;
+            self.fd
+                .set_regs(&boot_regs(entry))
+                .map_err(self.set_err("registers"))?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
@@ -22,9 +22,16 @@ pub enum VmError {
     #[error("cannot create the KVM VM")]
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("cannot set up KVM's {what}")]
-    Setup { what: &'static str, source: kvm_ioctls::Error },
+    Setup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot register {size} bytes of guest memory at {addr:#x} with KVM")]
-    MemorySlot { addr: u64, size: u64, source: kvm_ioctls::Error },
+    MemorySlot {
+        addr: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
     #[error("{requested} vCPUs requested but this host's KVM supports at most {max}")]
     TooManyVcpus { requested: u8, max: usize },
 }
@@ -62,7 +69,10 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 pub fn check_vcpu_count(kvm: &Kvm, cpus: u8) -> Result<(), VmError> {
     let max = kvm.get_max_vcpus();
     if usize::from(cpus) > max {
-        return Err(VmError::TooManyVcpus { requested: cpus, max });
+        return Err(VmError::TooManyVcpus {
+            requested: cpus,
+            max,
+        });
     }
     Ok(())
 }
@@ -72,10 +82,15 @@ pub fn check_vcpu_count(kvm: &Kvm, cpus: u8) -> Result<(), VmError> {
 pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
     let setup = |what| move |source| VmError::Setup { what, source };
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(setup("TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(setup("identity map"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(setup("TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(setup("identity map"))?;
     vm.create_irq_chip().map_err(setup("in-kernel irqchip"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(setup("PIT"))?;
 
     for (slot, region) in mem.iter().enumerate() {
@@ -94,8 +109,11 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         // SAFETY: the host range is a live mapping owned by `mem`, which the caller keeps
         // alive for as long as the VM exists (both are fields of the same `Vm`, and the
         // VM fd is dropped first); slots do not overlap because the regions do not.
-        unsafe { vm.set_user_memory_region(kvm_region) }
-            .map_err(|source| VmError::MemorySlot { addr, size, source })?;
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(|source| VmError::MemorySlot {
+            addr,
+            size,
+            source,
+        })?;
     }
     Ok(vm)
 }

@@ -33,9 +33,15 @@ mod tests {
     fn test_guest_is_a_small_x86_64_elf_entered_at_one_mib() {
         assert!(TEST_GUEST_ELF.starts_with(b"\x7fELF"));
         assert_eq!(TEST_GUEST_ELF[4], 2, "64-bit");
-        assert_eq!(u16::from_le_bytes([TEST_GUEST_ELF[18], TEST_GUEST_ELF[19]]), 62);
+        assert_eq!(
+            u16::from_le_bytes([TEST_GUEST_ELF[18], TEST_GUEST_ELF[19]]),
+            62
+        );
         let entry = u64::from_le_bytes(TEST_GUEST_ELF[24..32].try_into().unwrap());
         assert_eq!(entry, 0x10_0000);
-        assert!(TEST_GUEST_ELF.len() < 16 * 1024, "the test guest must stay tiny");
+        assert!(
+            TEST_GUEST_ELF.len() < 16 * 1024,
+            "the test guest must stay tiny"
+        );
     }
 }

@@ -24,7 +24,10 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot read kernel {path}")]
-    KernelRead { path: PathBuf, source: std::io::Error },
+    KernelRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {path} is neither an ELF vmlinux nor a bzImage")]
     KernelFormat { path: PathBuf },
     #[error("kernel {path} is a 32-bit or non-x86_64 ELF; waterbear boots x86_64 kernels")]
@@ -32,19 +35,34 @@ pub enum BootError {
     #[error("kernel {path} cannot be loaded ({reason}); is it a complete, uncompressed vmlinux or a bzImage?")]
     KernelLoad { path: PathBuf, reason: String },
     #[error("kernel {path} ({size} bytes) does not fit in {memory} bytes of guest memory")]
-    KernelTooBig { path: PathBuf, size: u64, memory: u64 },
+    KernelTooBig {
+        path: PathBuf,
+        size: u64,
+        memory: u64,
+    },
     #[error("cannot read initrd {path}")]
-    InitrdRead { path: PathBuf, source: std::io::Error },
+    InitrdRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initrd {path} is empty")]
     InitrdEmpty { path: PathBuf },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory between the kernel end {kernel_end:#x} and {limit:#x}; give the VM more --memory")]
-    InitrdTooBig { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("kernel command line is {len} bytes with its terminating NUL, over the kernel's limit of {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
     #[error("cannot write boot data to guest memory at {addr:#x}")]
-    GuestWrite { addr: u64, source: vm_memory::GuestMemoryError },
+    GuestWrite {
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
 /// How the first vCPU enters the kernel.
@@ -83,14 +101,19 @@ pub struct LoadedKernel {
 impl KernelImage {
     /// Opens and identifies a kernel; reads nothing into guest memory.
     pub fn open(path: &Path) -> Result<Self, BootError> {
-        let file = File::open(path)
-            .map_err(|source| BootError::KernelRead { path: path.into(), source })?;
+        let file = File::open(path).map_err(|source| BootError::KernelRead {
+            path: path.into(),
+            source,
+        })?;
         Self::from_file(path, file)
     }
 
     /// Identifies a kernel from an open file; `path` names it in errors.
     pub fn from_file(path: &Path, mut file: File) -> Result<Self, BootError> {
-        let read_err = |source| BootError::KernelRead { path: path.into(), source };
+        let read_err = |source| BootError::KernelRead {
+            path: path.into(),
+            source,
+        };
         let size = file.metadata().map_err(read_err)?.len();
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
         let mut head = vec![0u8; 0x400];
@@ -119,7 +142,13 @@ impl KernelImage {
         } else {
             return Err(BootError::KernelFormat { path: path.into() });
         };
-        Ok(KernelImage { path: path.into(), file, format, size, header })
+        Ok(KernelImage {
+            path: path.into(),
+            file,
+            format,
+            size,
+            header,
+        })
     }
 
     /// The longest command line the kernel accepts, counting the terminating NUL.
@@ -144,7 +173,11 @@ impl KernelImage {
     /// Rough check that the file can fit above 1 MiB; the loader checks exactly.
     pub fn check_size(&self, memory: u64) -> Result<(), BootError> {
         if self.size + HIMEM_START > memory.min(MMIO_GAP_START) {
-            return Err(BootError::KernelTooBig { path: self.path.clone(), size: self.size, memory });
+            return Err(BootError::KernelTooBig {
+                path: self.path.clone(),
+                size: self.size,
+                memory,
+            });
         }
         Ok(())
     }
@@ -158,10 +191,15 @@ impl KernelImage {
         };
         let path = self.path.clone();
         let loaded = result.map_err(|e| match e {
-            linux_loader::loader::Error::MemoryOverflow => {
-                BootError::KernelTooBig { path, size: self.size, memory: mem_size(mem) }
-            }
-            other => BootError::KernelLoad { path, reason: loader_reason(&other) },
+            linux_loader::loader::Error::MemoryOverflow => BootError::KernelTooBig {
+                path,
+                size: self.size,
+                memory: mem_size(mem),
+            },
+            other => BootError::KernelLoad {
+                path,
+                reason: loader_reason(&other),
+            },
         })?;
         let entry = match (self.format, loaded.pvh_boot_cap) {
             (Format::Elf, PvhBootCapability::PvhEntryPresent(addr)) => EntryPoint::Pvh(addr.0),
@@ -177,7 +215,11 @@ impl KernelImage {
                 memory: mem_size(mem),
             });
         }
-        Ok(LoadedKernel { entry, kernel_end: loaded.kernel_end, header: loaded.setup_header })
+        Ok(LoadedKernel {
+            entry,
+            kernel_end: loaded.kernel_end,
+            header: loaded.setup_header,
+        })
     }
 
     /// Where an initrd of `size` bytes goes: the highest page-aligned address below both
@@ -190,7 +232,12 @@ impl KernelImage {
         memory: u64,
     ) -> Result<u64, BootError> {
         let limit = (self.initrd_addr_max() + 1).min(memory.min(MMIO_GAP_START));
-        let too_big = || BootError::InitrdTooBig { path: path.into(), size, kernel_end, limit };
+        let too_big = || BootError::InitrdTooBig {
+            path: path.into(),
+            size,
+            kernel_end,
+            limit,
+        };
         let start = limit.checked_sub(size).ok_or_else(too_big)? & !0xfff;
         if start < kernel_end {
             return Err(too_big());
@@ -207,12 +254,17 @@ pub struct Initrd {
 
 impl Initrd {
     pub fn read(path: &Path) -> Result<Self, BootError> {
-        let data = std::fs::read(path)
-            .map_err(|source| BootError::InitrdRead { path: path.into(), source })?;
+        let data = std::fs::read(path).map_err(|source| BootError::InitrdRead {
+            path: path.into(),
+            source,
+        })?;
         if data.is_empty() {
             return Err(BootError::InitrdEmpty { path: path.into() });
         }
-        Ok(Initrd { path: path.into(), data })
+        Ok(Initrd {
+            path: path.into(),
+            data,
+        })
     }
 
     pub fn load(&self, mem: &GuestMemoryMmap, addr: u64) -> Result<(), BootError> {
@@ -243,7 +295,7 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, addr: u64, cmdline: &str) -> Result<
 
 fn mem_size(mem: &GuestMemoryMmap) -> u64 {
     use vm_memory::GuestMemoryBackend;
-    mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum()
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -277,13 +329,18 @@ mod tests {
     fn write_tmp(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kernel");
-        std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
         (dir, path)
     }
 
     #[test]
     fn missing_kernel_is_named_in_the_error() {
-        let err = KernelImage::open(Path::new("/nonexistent/vmlinux")).err().unwrap();
+        let err = KernelImage::open(Path::new("/nonexistent/vmlinux"))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 
@@ -301,7 +358,10 @@ mod tests {
         elf[4] = 1; // ELFCLASS32
         elf[18] = 3; // EM_386
         let (_d, path) = write_tmp(&elf);
-        assert!(matches!(KernelImage::open(&path).err().unwrap(), BootError::KernelArch { .. }));
+        assert!(matches!(
+            KernelImage::open(&path).err().unwrap(),
+            BootError::KernelArch { .. }
+        ));
     }
 
     #[test]
@@ -319,8 +379,17 @@ mod tests {
     fn cmdline_limit_counts_the_nul() {
         check_cmdline(&"a".repeat(2047), 2048).unwrap();
         let err = check_cmdline(&"a".repeat(2048), 2048).err().unwrap();
-        assert!(matches!(err, BootError::CmdlineTooLong { len: 2049, max: 2048 }));
-        assert!(matches!(check_cmdline("a\0b", 2048), Err(BootError::CmdlineNul)));
+        assert!(matches!(
+            err,
+            BootError::CmdlineTooLong {
+                len: 2049,
+                max: 2048
+            }
+        ));
+        assert!(matches!(
+            check_cmdline("a\0b", 2048),
+            Err(BootError::CmdlineNul)
+        ));
     }
 
     #[test]
@@ -332,9 +401,14 @@ mod tests {
         let (_d, path) = write_tmp(&elf);
         let k = KernelImage::open(&path).unwrap();
         let p = Path::new("initrd");
-        let start = k.initrd_placement(p, 0x10_0000, 0x200_0000, 64 << 20).unwrap();
+        let start = k
+            .initrd_placement(p, 0x10_0000, 0x200_0000, 64 << 20)
+            .unwrap();
         assert_eq!(start, (64 << 20) - 0x10_0000);
-        let err = k.initrd_placement(p, 63 << 20, 0x200_0000, 64 << 20).err().unwrap();
+        let err = k
+            .initrd_placement(p, 63 << 20, 0x200_0000, 64 << 20)
+            .err()
+            .unwrap();
         assert!(matches!(err, BootError::InitrdTooBig { .. }), "{err}");
     }
 }

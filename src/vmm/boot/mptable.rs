@@ -190,27 +190,13 @@ fn build_table(num_cpus: u8) -> Vec<u8> {
     entry_count += 1;
     for irq in 0..ISA_IRQ_COUNT {
         if let Some(pin) = isa_irq_pin(irq) {
-            push_interrupt(
-                &mut entries,
-                ENTRY_IO_INTERRUPT,
-                INT_TYPE_INT,
-                irq,
-                ioapic_id,
-                pin,
-            );
+            push_io_interrupt(&mut entries, irq, ioapic_id, pin);
             entry_count += 1;
         }
     }
     // LINT0 takes the 8259 PIC's output (virtual wire mode), LINT1 the NMI line.
     for (lint, int_type) in [(0, INT_TYPE_EXTINT), (1, INT_TYPE_NMI)] {
-        push_interrupt(
-            &mut entries,
-            ENTRY_LOCAL_INTERRUPT,
-            int_type,
-            0,
-            ALL_LOCAL_APICS,
-            lint,
-        );
+        push_local_interrupt(&mut entries, int_type, lint);
         entry_count += 1;
     }
 
@@ -284,19 +270,36 @@ fn push_ioapic(out: &mut Vec<u8>, ioapic_id: u8) {
     out.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
 }
 
-/// An I/O interrupt entry (destination: IOAPIC `dest_id`, pin `dest_pin`) or a local interrupt
-/// entry (destination: local APIC `dest_id`, LINTn `dest_pin`); both share one layout.
+/// ISA IRQ `irq` wired to pin `pin` of IOAPIC `ioapic_id`.
+fn push_io_interrupt(out: &mut Vec<u8>, irq: u8, ioapic_id: u8, pin: u8) {
+    push_interrupt(out, ENTRY_IO_INTERRUPT, INT_TYPE_INT, irq, ioapic_id, pin);
+}
+
+/// Interrupt `int_type` wired to input LINT`lint` of every local APIC.
+fn push_local_interrupt(out: &mut Vec<u8>, int_type: u8, lint: u8) {
+    push_interrupt(
+        out,
+        ENTRY_LOCAL_INTERRUPT,
+        int_type,
+        0,
+        ALL_LOCAL_APICS,
+        lint,
+    );
+}
+
+/// The layout I/O and local interrupt entries share: the source is an ISA IRQ, the destination
+/// an APIC ID and one of that APIC's inputs.
 fn push_interrupt(
     out: &mut Vec<u8>,
     entry_type: u8,
     int_type: u8,
     source_irq: u8,
-    dest_id: u8,
-    dest_pin: u8,
+    dest_apic_id: u8,
+    dest_input: u8,
 ) {
     out.extend_from_slice(&[entry_type, int_type]);
     out.extend_from_slice(&INT_FLAGS_CONFORMING.to_le_bytes());
-    out.extend_from_slice(&[ISA_BUS_ID, source_irq, dest_id, dest_pin]);
+    out.extend_from_slice(&[ISA_BUS_ID, source_irq, dest_apic_id, dest_input]);
 }
 
 #[cfg(test)]

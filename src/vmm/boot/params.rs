@@ -40,15 +40,31 @@ pub struct BootData {
 /// MMIO hole.
 pub fn memory_map(memory: u64) -> Vec<MapEntry> {
     let mut map = vec![
-        MapEntry { addr: 0, size: EBDA_START, ram: true },
-        MapEntry { addr: EBDA_START, size: LOW_RAM_END - EBDA_START, ram: false },
-        MapEntry { addr: BIOS_AREA_START, size: HIMEM_START - BIOS_AREA_START, ram: false },
+        MapEntry {
+            addr: 0,
+            size: EBDA_START,
+            ram: true,
+        },
+        MapEntry {
+            addr: EBDA_START,
+            size: LOW_RAM_END - EBDA_START,
+            ram: false,
+        },
+        MapEntry {
+            addr: BIOS_AREA_START,
+            size: HIMEM_START - BIOS_AREA_START,
+            ram: false,
+        },
     ];
     for (start, len) in ram_ranges(memory) {
         let start_hi = start.max(HIMEM_START);
         let end = start + len;
         if end > start_hi {
-            map.push(MapEntry { addr: start_hi, size: end - start_hi, ram: true });
+            map.push(MapEntry {
+                addr: start_hi,
+                size: end - start_hi,
+                ram: true,
+            });
         }
     }
     map
@@ -87,11 +103,18 @@ pub fn write_boot_params(
     }
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|source| BootError::GuestWrite { addr: ZERO_PAGE_START, source })
+        .map_err(|source| BootError::GuestWrite {
+            addr: ZERO_PAGE_START,
+            source,
+        })
 }
 
 /// Writes `hvm_start_info`, its memory map and module list for the PVH entry.
-pub fn write_pvh_info(mem: &GuestMemoryMmap, data: &BootData, memory: u64) -> Result<(), BootError> {
+pub fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    data: &BootData,
+    memory: u64,
+) -> Result<(), BootError> {
     let write_err = |addr| move |source| BootError::GuestWrite { addr, source };
     let map = memory_map(memory);
     for (i, e) in map.iter().take(PVH_MEMMAP_MAX).enumerate() {
@@ -102,7 +125,8 @@ pub fn write_pvh_info(mem: &GuestMemoryMmap, data: &BootData, memory: u64) -> Re
             reserved: 0,
         };
         let addr = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
-        mem.write_obj(entry, GuestAddress(addr)).map_err(write_err(addr))?;
+        mem.write_obj(entry, GuestAddress(addr))
+            .map_err(write_err(addr))?;
     }
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -113,13 +137,18 @@ pub fn write_pvh_info(mem: &GuestMemoryMmap, data: &BootData, memory: u64) -> Re
         ..Default::default()
     };
     if let Some((addr, size)) = data.initrd {
-        let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+        let module = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
         mem.write_obj(module, GuestAddress(PVH_MODLIST_START))
             .map_err(write_err(PVH_MODLIST_START))?;
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;
     }
-    mem.write_obj(info, GuestAddress(PVH_INFO_START)).map_err(write_err(PVH_INFO_START))
+    mem.write_obj(info, GuestAddress(PVH_INFO_START))
+        .map_err(write_err(PVH_INFO_START))
 }
 
 #[cfg(test)]
@@ -129,9 +158,17 @@ mod tests {
     #[test]
     fn memory_map_reserves_the_ebda_and_bios_area() {
         let map = memory_map(512 << 20);
-        assert!(map.contains(&MapEntry { addr: 0, size: EBDA_START, ram: true }));
+        assert!(map.contains(&MapEntry {
+            addr: 0,
+            size: EBDA_START,
+            ram: true
+        }));
         assert!(map.iter().any(|e| !e.ram && e.addr == BIOS_AREA_START));
-        assert!(map.contains(&MapEntry { addr: HIMEM_START, size: (512 << 20) - HIMEM_START, ram: true }));
+        assert!(map.contains(&MapEntry {
+            addr: HIMEM_START,
+            size: (512 << 20) - HIMEM_START,
+            ram: true
+        }));
         let ram: u64 = map.iter().filter(|e| e.ram).map(|e| e.size).sum();
         assert_eq!(ram, (512 << 20) - (HIMEM_START - EBDA_START));
     }
@@ -139,16 +176,21 @@ mod tests {
     #[test]
     fn memory_map_skips_the_mmio_hole() {
         let map = memory_map(6 << 30);
-        assert!(map.iter().filter(|e| e.ram).all(|e| {
-            e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END
-        }));
+        assert!(map
+            .iter()
+            .filter(|e| e.ram)
+            .all(|e| { e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END }));
         assert!(map.iter().any(|e| e.ram && e.addr == MMIO_GAP_END));
     }
 
     #[test]
     fn boot_params_carry_cmdline_initrd_and_e820() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let data = BootData { cmdline_addr: CMDLINE_START, cmdline_len: 10, initrd: Some((0x1e0_0000, 4096)) };
+        let data = BootData {
+            cmdline_addr: CMDLINE_START,
+            cmdline_len: 10,
+            initrd: Some((0x1e0_0000, 4096)),
+        };
         write_boot_params(&mem, None, &data, 32 << 20).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
@@ -160,7 +202,11 @@ mod tests {
     #[test]
     fn pvh_info_points_at_memmap_and_module() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let data = BootData { cmdline_addr: CMDLINE_START, cmdline_len: 10, initrd: Some((0x1e0_0000, 4096)) };
+        let data = BootData {
+            cmdline_addr: CMDLINE_START,
+            cmdline_len: 10,
+            initrd: Some((0x1e0_0000, 4096)),
+        };
         write_pvh_info(&mem, &data, 32 << 20).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);

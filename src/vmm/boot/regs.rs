@@ -51,10 +51,14 @@ const GDT_32: [u64; 4] = [
 
 /// The `kvm_segment` a selector loads from a descriptor.
 fn segment(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
-    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base,
@@ -73,8 +77,13 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
     }
 }
 
-fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, v: T, addr: u64) -> Result<(), BootError> {
-    mem.write_obj(v, GuestAddress(addr)).map_err(|source| BootError::GuestWrite { addr, source })
+fn write<T: vm_memory::ByteValued>(
+    mem: &GuestMemoryMmap,
+    v: T,
+    addr: u64,
+) -> Result<(), BootError> {
+    mem.write_obj(v, GuestAddress(addr))
+        .map_err(|source| BootError::GuestWrite { addr, source })
 }
 
 fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), BootError> {
@@ -165,7 +174,11 @@ pub fn boot_regs(entry: EntryPoint) -> kvm_regs {
 
 /// FPU reset state: x87 control word and MXCSR as after FNINIT / power-on.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +213,9 @@ mod tests {
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         let pde: u64 = m.read_obj(GuestAddress(PDE_START + 8)).unwrap();
         assert_eq!(pde, (1 << 21) | PDE_LARGE_RW);
-        let last: u64 = m.read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8)).unwrap();
+        let last: u64 = m
+            .read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(last & !0xfff, 0xffe0_0000, "the LAPIC page is mapped");
     }
 

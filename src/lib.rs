@@ -5,4 +5,5 @@
 
 pub mod devices;
 pub mod logger;
+pub mod snapshot;
 pub mod vmm;

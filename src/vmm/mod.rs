@@ -12,6 +12,7 @@ pub mod cpuid;
 pub mod layout;
 pub mod memory;
 pub mod msr;
+pub mod state;
 pub mod state_dir;
 pub mod vcpu;
 pub mod vm;

@@ -3,7 +3,6 @@
 //! VMs by walking the state root; nothing else is a registry.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::config::VmConfig;
@@ -106,27 +105,10 @@ impl StateDir {
 
 /// Writes `path` so that readers see the old content or the new, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
-    let werr = |source| StateDirError::Write {
+    crate::snapshot::write_atomic(path, bytes).map_err(|source| StateDirError::Write {
         path: path.into(),
         source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(werr)
+    })
 }
 
 #[cfg(test)]

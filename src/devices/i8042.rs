@@ -2,6 +2,7 @@
 //! to reset the machine with command 0xFE (pulse the reset line), which is how
 //! `reboot` ends a guest without ACPI.
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::PioDevice;
@@ -30,7 +31,35 @@ pub struct I8042 {
     pending_command: Option<u8>,
 }
 
+/// The controller's registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub output: Option<u8>,
+    pub pending_command: Option<u8>,
+}
+
 impl I8042 {
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output: self.output,
+            pending_command: self.pending_command,
+        }
+    }
+
+    pub fn from_state(reset_evt: EventFd, state: &I8042State) -> Self {
+        I8042 {
+            reset_evt,
+            status: state.status,
+            control: state.control,
+            output: state.output,
+            pending_command: state.pending_command,
+        }
+    }
+
     /// `reset_evt` is written when the guest asks for a CPU reset.
     pub fn new(reset_evt: EventFd) -> Self {
         I8042 {

@@ -19,7 +19,6 @@ pub mod vm;
 
 pub mod events;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -223,7 +222,6 @@ impl Vmm {
             what: "the exit event",
             source,
         })?);
-        let stop = Arc::new(AtomicBool::new(false));
         let mut event_loop = events::EventLoop::new(
             exit.clone(),
             &self.reset_evt,
@@ -236,10 +234,10 @@ impl Vmm {
         let started = Instant::now();
         let mut handles: Vec<VcpuHandle> = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
-            match vcpu.start(self.pio.clone(), exit.clone(), stop.clone()) {
+            match vcpu.start(self.pio.clone(), exit.clone(), false) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    stop_vcpus(&stop, handles);
+                    stop_vcpus(handles);
                     return Err(e.into());
                 }
             }
@@ -247,7 +245,7 @@ impl Vmm {
         log::info!("VM {} running", self.config.id);
 
         let outcome = event_loop.run_until_exit();
-        stop_vcpus(&stop, handles);
+        stop_vcpus(handles);
         self.serial_pump.finish();
         let outcome = match outcome {
             Ok(events::LoopEnd::Guest(GuestExit::Reset(why))) => {
@@ -290,13 +288,9 @@ fn assemble(
     Ok((vm, devices, vcpus))
 }
 
-fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
-    stop.store(true, Ordering::Release);
-    for h in &handles {
-        h.kick();
-    }
+fn stop_vcpus(handles: Vec<VcpuHandle>) {
     for h in handles {
-        h.join();
+        h.stop();
     }
 }
 
@@ -401,11 +395,12 @@ fn create_vcpus(
         .map_err(VmmError::SupportedCpuid)?;
     let mut vcpus = Vec::with_capacity(cpus.into());
     for index in 0..cpus {
-        let vcpu = Vcpu::new(vm, index)?;
+        let mut vcpu = Vcpu::new(vm, index)?;
         let cpuid = cpuid::vcpu_cpuid(&supported, index, cpus)
             .map_err(|source| VmmError::Cpuid { index, source })?;
         let boot = (index == 0).then_some((ram.memory(), entry));
         vcpu.configure(&cpuid, boot)?;
+        vcpu.probe_msrs(kvm);
         vcpus.push(vcpu);
     }
     Ok(vcpus)

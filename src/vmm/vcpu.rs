@@ -6,9 +6,10 @@
 //! kick arriving just before `KVM_RUN` is not lost.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_run, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -21,7 +22,11 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::boot::kernel::{BootError, EntryPoint};
 use super::boot::regs::{boot_fpu, boot_regs, boot_sregs};
 use super::msr::boot_msrs;
+use super::state::{restore_vcpu, save_vcpu, saveable_msrs, StateError, VcpuState};
 use crate::devices::bus::PioBus;
+
+/// How long a vCPU thread may take to answer a pause, resume or save request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// LAPIC register offsets and delivery modes for LINT0/LINT1.
 const APIC_LVT0: usize = 0x350;
@@ -50,6 +55,31 @@ pub enum VcpuError {
     Thread { index: u8, source: std::io::Error },
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot restore vCPU {index}")]
+    Restore { index: u8, source: StateError },
+    #[error("cannot save vCPU {index}")]
+    Save { index: u8, source: StateError },
+    #[error("vCPU {index} has stopped and cannot take requests")]
+    Gone { index: u8 },
+    #[error("vCPU {index} did not answer a {what} request within {REQUEST_TIMEOUT:?}")]
+    Timeout { index: u8, what: &'static str },
+    #[error("vCPU {index} must be paused to be saved")]
+    NotPaused { index: u8 },
+}
+
+/// What other threads ask of a vCPU thread.
+enum Request {
+    Pause,
+    Resume,
+    Save,
+    Exit,
+}
+
+/// A vCPU thread's answers.
+enum Reply {
+    Paused,
+    Resumed,
+    Saved(Box<Result<VcpuState, VcpuError>>),
 }
 
 /// Why the guest stopped running.
@@ -127,6 +157,11 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// MSRs this vCPU saves (probed once its CPUID is set).
+    msr_indices: Vec<u32>,
+    xsave_bytes: usize,
+    /// Tell the guest it was paused (KVMCLOCK_CTRL) before it first runs again.
+    notify_pause: bool,
 }
 
 impl Vcpu {
@@ -134,7 +169,43 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Vcpu { index, fd })
+        let xsave_bytes = super::state::xsave_size(vm);
+        Ok(Vcpu {
+            index,
+            fd,
+            msr_indices: Vec::new(),
+            xsave_bytes,
+            notify_pause: false,
+        })
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Loads a saved state into this (new) vCPU; its CPUID comes from the state.
+    pub fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        restore_vcpu(&self.fd, state).map_err(|source| VcpuError::Restore {
+            index: self.index,
+            source,
+        })?;
+        self.msr_indices = state.msrs.iter().map(|e| e.index).collect();
+        self.notify_pause = true;
+        Ok(())
+    }
+
+    /// Probes which MSRs this vCPU can save; call after `configure`.
+    pub fn probe_msrs(&mut self, kvm: &kvm_ioctls::Kvm) {
+        self.msr_indices = saveable_msrs(kvm, &self.fd);
+    }
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        save_vcpu(&self.fd, self.index, &self.msr_indices, self.xsave_bytes).map_err(|source| {
+            VcpuError::Save {
+                index: self.index,
+                source,
+            }
+        })
     }
 
     fn set_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -203,30 +274,101 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(self.set_err("LAPIC"))
     }
 
-    /// Starts the run loop in its own thread.
+    /// Starts the run loop in its own thread, running or paused.
     pub fn start(
         self,
         pio: Arc<PioBus>,
         exit: Arc<ExitSignal>,
-        stop: Arc<AtomicBool>,
+        paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
+        let (req_tx, req_rx) = channel();
+        let (reply_tx, reply_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&pio, &exit, &stop))
+            .spawn(move || self.run(&pio, &exit, req_rx, reply_tx, paused))
             .map_err(|source| VcpuError::Thread { index, source })?;
-        Ok(VcpuHandle { thread })
+        Ok(VcpuHandle {
+            index,
+            thread,
+            requests: req_tx,
+            replies: reply_rx,
+        })
     }
 
-    fn run(mut self, pio: &PioBus, exit: &ExitSignal, stop: &AtomicBool) {
+    fn run(
+        mut self,
+        pio: &PioBus,
+        exit: &ExitSignal,
+        requests: Receiver<Request>,
+        replies: Sender<Reply>,
+        mut paused: bool,
+    ) {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
-        while !stop.load(Ordering::Acquire) {
+        loop {
+            let request = if paused {
+                match requests.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                }
+            } else {
+                match requests.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            };
+            let reply = match request {
+                Some(Request::Exit) => break,
+                Some(Request::Pause) => {
+                    if !paused {
+                        self.complete_pending_exit();
+                        paused = true;
+                    }
+                    Some(Reply::Paused)
+                }
+                Some(Request::Resume) => {
+                    paused = false;
+                    Some(Reply::Resumed)
+                }
+                Some(Request::Save) => Some(Reply::Saved(Box::new(if paused {
+                    self.save()
+                } else {
+                    Err(VcpuError::NotPaused { index: self.index })
+                }))),
+                None => None,
+            };
+            if let Some(reply) = reply {
+                if replies.send(reply).is_err() {
+                    break;
+                }
+                continue;
+            }
+            if self.notify_pause {
+                self.notify_pause = false;
+                // Fails with EINVAL when the guest has no kvmclock; nothing to tell then.
+                let _ = self.fd.kvmclock_ctrl();
+            }
             if let Some(reason) = self.run_once(pio) {
                 exit.request(reason);
                 break;
             }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Lets KVM finish the instruction of the last exit (the data of an `in`, say)
+    /// without running further guest code, so the saved registers are consistent.
+    fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => log::debug!(
+                "vcpu{}: completing the last exit gave {other:?}",
+                self.index
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Runs the vCPU until one exit is handled; returns a reason when the guest stopped.
@@ -283,20 +425,86 @@ impl Vcpu {
     }
 }
 
-/// A running vCPU thread.
+/// A vCPU thread, running or paused.
 pub struct VcpuHandle {
+    index: u8,
     thread: JoinHandle<()>,
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
 }
 
 impl VcpuHandle {
-    /// Kicks the thread out of `KVM_RUN`; the caller has set the stop flag.
-    pub fn kick(&self) {
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    fn kick(&self) {
         if let Err(e) = self.thread.kill(kick_signal()) {
-            log::debug!("kicking a vCPU thread failed: {e}");
+            log::debug!("kicking vCPU {} failed: {e}", self.index);
         }
     }
 
-    pub fn join(self) {
+    fn send(&self, request: Request) -> Result<(), VcpuError> {
+        self.requests
+            .send(request)
+            .map_err(|_| VcpuError::Gone { index: self.index })?;
+        self.kick();
+        Ok(())
+    }
+
+    fn reply(&self, what: &'static str) -> Result<Reply, VcpuError> {
+        self.replies
+            .recv_timeout(REQUEST_TIMEOUT)
+            .map_err(|e| match e {
+                RecvTimeoutError::Timeout => VcpuError::Timeout {
+                    index: self.index,
+                    what,
+                },
+                RecvTimeoutError::Disconnected => VcpuError::Gone { index: self.index },
+            })
+    }
+
+    /// Asks the vCPU to pause; `wait_paused` waits for it to have done so.
+    pub fn request_pause(&self) -> Result<(), VcpuError> {
+        self.send(Request::Pause)
+    }
+
+    pub fn wait_paused(&self) -> Result<(), VcpuError> {
+        match self.reply("pause")? {
+            Reply::Paused => Ok(()),
+            _ => Err(VcpuError::Timeout {
+                index: self.index,
+                what: "pause",
+            }),
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.send(Request::Resume)?;
+        match self.reply("resume")? {
+            Reply::Resumed => Ok(()),
+            _ => Err(VcpuError::Timeout {
+                index: self.index,
+                what: "resume",
+            }),
+        }
+    }
+
+    /// Reads the state of the (paused) vCPU.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        self.send(Request::Save)?;
+        match self.reply("save")? {
+            Reply::Saved(result) => *result,
+            _ => Err(VcpuError::Timeout {
+                index: self.index,
+                what: "save",
+            }),
+        }
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(self) {
+        let _ = self.send(Request::Exit);
         let _ = self.thread.join();
     }
 }

@@ -9,7 +9,8 @@ use log::LevelFilter;
 use waterbear::vmm::config::{
     self, check_id, parse_size, KernelSource, MemoryBackend, SerialMode, VmConfig,
 };
-use waterbear::vmm::{RunOutcome, Vmm};
+use waterbear::vmm::restore::{restore_from_dir, RestoreOptions};
+use waterbear::vmm::{builder, RunOutcome, Vmm};
 
 /// Exit codes; docs/cli.md lists them.
 const EXIT_OK: u8 = 0;
@@ -31,6 +32,54 @@ struct Cli {
 enum Command {
     /// Boot a microVM and stay in the foreground until the guest reboots or powers off.
     Run(RunArgs),
+    /// Bring a saved VM back in this new process from a snapshot directory, mapping its
+    /// memory in place, and run it like `run` does.
+    Restore(RestoreArgs),
+    /// Work with snapshot files.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Check a state file (vm.state) and print its header and contents as JSON.
+    Inspect {
+        /// The state file, or a snapshot directory holding vm.state.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// Snapshot directory written by `snapshot` (holds vm.state and vm.json).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+
+    /// Where the first serial port goes: stdio, file=PATH or null [default: as saved].
+    #[arg(long, value_name = "MODE")]
+    serial: Option<String>,
+
+    /// The restored VM's state directory [default: as saved].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Leave the vCPUs paused after the restore (resume through the API).
+    #[arg(long)]
+    paused: bool,
+
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(clap::Args)]
+struct LogArgs {
+    /// Log level: error, warn, info or debug.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: LevelFilter,
+
+    /// Write the log to this file (appending) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -85,13 +134,8 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
-    /// Log level: error, warn, info or debug.
-    #[arg(long, value_name = "LEVEL", default_value = "warn")]
-    log_level: LevelFilter,
-
-    /// Write the log to this file (appending) instead of stderr.
-    #[arg(long, value_name = "PATH")]
-    log_file: Option<PathBuf>,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 impl RunArgs {
@@ -177,10 +221,16 @@ impl Drop for RawTerminal {
     }
 }
 
-fn run(args: RunArgs) -> u8 {
-    if let Err(e) = waterbear::logger::init(args.log_level, args.log_file.as_deref()) {
+fn init_logging(log: &LogArgs) -> Result<(), u8> {
+    waterbear::logger::init(log.log_level, log.log_file.as_deref()).map_err(|e| {
         report(&e);
-        return EXIT_ERROR;
+        EXIT_ERROR
+    })
+}
+
+fn run(args: RunArgs) -> u8 {
+    if let Err(code) = init_logging(&args.log) {
+        return code;
     }
     let config = match args.into_config() {
         Ok(c) => c,
@@ -189,14 +239,68 @@ fn run(args: RunArgs) -> u8 {
             return EXIT_ERROR;
         }
     };
-    let stdio = config.serial == SerialMode::Stdio;
-    let vmm = match Vmm::build(config) {
-        Ok(v) => v,
+    match builder::build(config) {
+        Ok(vmm) => run_vmm(vmm),
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+fn restore(args: RestoreArgs) -> u8 {
+    if let Err(code) = init_logging(&args.log) {
+        return code;
+    }
+    let serial = match args
+        .serial
+        .as_deref()
+        .map(str::parse::<SerialMode>)
+        .transpose()
+    {
+        Ok(s) => s,
         Err(e) => {
             report(&e);
             return EXIT_ERROR;
         }
     };
+    let opts = RestoreOptions {
+        serial,
+        state_dir: args.state_dir,
+        start_paused: args.paused,
+    };
+    match restore_from_dir(&args.from, &opts) {
+        Ok(vmm) => run_vmm(vmm),
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+fn inspect(file: PathBuf) -> u8 {
+    let path = if file.is_dir() {
+        file.join(waterbear::vmm::saved::STATE_FILE)
+    } else {
+        file
+    };
+    match waterbear::snapshot::inspect::inspect(&path) {
+        Ok(v) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("JSON values serialise")
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run_vmm(vmm: Vmm) -> u8 {
+    let stdio = vmm.config().serial == SerialMode::Stdio;
     let _terminal = stdio.then(RawTerminal::enter);
     match vmm.run() {
         Ok(RunOutcome::GuestStopped(why)) => {
@@ -223,6 +327,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Snapshot(SnapshotCommand::Inspect { file }) => inspect(file),
     };
     ExitCode::from(code)
 }

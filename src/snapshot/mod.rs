@@ -7,6 +7,7 @@
 //! the payload, so a truncated, corrupted or foreign file is refused with a clear error.
 
 mod format;
+pub mod inspect;
 
 pub use format::{
     decode_payload, read_file, write_atomic, write_file, Header, SnapshotError, FORMAT_VERSION,

@@ -100,6 +100,47 @@ impl GuestRam {
         })
     }
 
+    /// Maps an existing memory file of exactly `size` bytes, as a restore does: the file
+    /// is never created, resized or truncated, and must not be in use by another VMM.
+    pub fn open_existing(backend: &MemoryBackend, size: u64) -> Result<Self, MemoryError> {
+        let MemoryBackend::File { path } = backend else {
+            return GuestRam::create(backend, size);
+        };
+        let open_err = |source| MemoryError::OpenFile {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            return Err(MemoryError::NotRegular { path: path.clone() });
+        }
+        if !try_lock_exclusive(&file) {
+            return Err(MemoryError::InUse { path: path.clone() });
+        }
+        if meta.len() != size {
+            return Err(MemoryError::FileSize {
+                path: path.clone(),
+                actual: meta.len(),
+                expected: size,
+                actual_mib: meta.len() >> 20,
+            });
+        }
+        let file = Arc::new(file);
+        let mem = map_shared(&file, size)?;
+        Ok(GuestRam {
+            mem,
+            file,
+            size,
+            backend: backend.clone(),
+            created_file: false,
+        })
+    }
+
     /// Removes the memory file if this process created it: used when a start fails, so
     /// that a failed `run` leaves nothing behind.
     pub fn discard_if_created(self) {

@@ -36,6 +36,7 @@ pub enum StateDirError {
 pub struct StateDir {
     path: PathBuf,
     created_dir: bool,
+    removed: bool,
     _lock: File,
 }
 
@@ -78,6 +79,7 @@ impl StateDir {
         Ok(StateDir {
             path: path.into(),
             created_dir,
+            removed: false,
             _lock: lock,
         })
     }
@@ -94,7 +96,10 @@ impl StateDir {
 
     /// Removes the files this process wrote and the directory if it made it and it is
     /// now empty. Files a user put there (a memory file, logs) stay.
-    pub fn remove(self) {
+    pub fn remove(&mut self) {
+        if std::mem::replace(&mut self.removed, true) {
+            return;
+        }
         let _ = fs::remove_file(self.path.join(CONFIG_FILE));
         let _ = fs::remove_file(self.path.join(LOCK_FILE));
         if self.created_dir {
@@ -144,7 +149,7 @@ mod tests {
     fn remove_deletes_what_it_created_only() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("vm1");
-        let sd = StateDir::acquire(&dir).unwrap();
+        let mut sd = StateDir::acquire(&dir).unwrap();
         write_atomic(&dir.join(CONFIG_FILE), b"{}").unwrap();
         sd.remove();
         assert!(!dir.exists());

@@ -89,6 +89,8 @@ pub enum GuestExit {
     Reset(&'static str),
     /// The guest powered itself off.
     Poweroff,
+    /// The VMM was asked to stop the VM (API shutdown).
+    Requested(&'static str),
     /// A vCPU hit an error the guest cannot recover from.
     Failed(String),
 }

@@ -1,0 +1,91 @@
+//! The VM's emulated devices as one set: creating them fresh or from saved state,
+//! wiring their interrupts, and reading their state back.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::SerialMode;
+use super::saved::DevicesState;
+use super::VmmError;
+use crate::devices::bus::{lock, PioBus};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{output_for, OutputPump, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+
+/// The devices of one VM and the events they signal the event loop with.
+pub struct Devices {
+    pub pio: Arc<PioBus>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub serial_input_ready: EventFd,
+    pub serial_pump: OutputPump,
+    pub reset_evt: EventFd,
+}
+
+fn new_eventfd(what: &'static str) -> Result<EventFd, VmmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Setup { what, source })
+}
+
+fn dup(e: &EventFd, what: &'static str) -> Result<EventFd, VmmError> {
+    e.try_clone()
+        .map_err(|source| VmmError::Setup { what, source })
+}
+
+impl Devices {
+    /// Creates the serial port and the i8042, fresh or from `saved`.
+    pub fn create(
+        vm: &VmFd,
+        serial_mode: &SerialMode,
+        saved: Option<&DevicesState>,
+    ) -> Result<Self, VmmError> {
+        let serial_irq = new_eventfd("the serial interrupt")?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|source| VmmError::Irq {
+                what: "the serial port",
+                source,
+            })?;
+        let input_ready = new_eventfd("the serial input event")?;
+        let (out, serial_pump) = output_for(serial_mode)?;
+        let ready = dup(&input_ready, "the serial input event")?;
+        let serial = match saved {
+            Some(s) => SerialDevice::from_state(serial_irq, ready, out, &s.serial)
+                .map_err(VmmError::SerialState)?,
+            None => SerialDevice::new(serial_irq, ready, out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+
+        let reset_evt = new_eventfd("the reset event")?;
+        let reset = dup(&reset_evt, "the reset event")?;
+        let i8042 = Arc::new(Mutex::new(match saved {
+            Some(s) => I8042::from_state(reset, &s.i8042),
+            None => I8042::new(reset),
+        }));
+
+        let mut pio = PioBus::new();
+        let bus_err = |e| VmmError::Setup {
+            what: "the port I/O bus",
+            source: std::io::Error::other(e),
+        };
+        pio.insert(COM1_BASE, COM1_LEN, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(I8042_BASE, I8042_LEN, i8042.clone())
+            .map_err(bus_err)?;
+        Ok(Devices {
+            pio: Arc::new(pio),
+            serial,
+            i8042,
+            serial_input_ready: input_ready,
+            serial_pump,
+            reset_evt,
+        })
+    }
+
+    /// The devices' state; the vCPUs must be paused so no register changes meanwhile.
+    pub fn state(&self) -> DevicesState {
+        DevicesState {
+            serial: lock(&self.serial).state(),
+            i8042: lock(&self.i8042).state(),
+        }
+    }
+}

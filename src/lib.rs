@@ -3,6 +3,7 @@
 //! The library owns everything but argument parsing: VM and vCPU lifecycle and boot
 //! (`vmm`), emulated devices (`devices`) and logging set-up (`logger`).
 
+pub mod api;
 pub mod devices;
 pub mod logger;
 pub mod snapshot;

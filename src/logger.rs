@@ -64,6 +64,13 @@ pub enum LoggerError {
 }
 
 static LOGS_TO_FILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SETTINGS: std::sync::OnceLock<(LevelFilter, Option<std::path::PathBuf>)> =
+    std::sync::OnceLock::new();
+
+/// The level and file the logger was set up with, for a re-executed VMM to reuse.
+pub fn settings() -> (LevelFilter, Option<std::path::PathBuf>) {
+    SETTINGS.get().cloned().unwrap_or((LevelFilter::Warn, None))
+}
 
 /// Whether records go to a log file (and so not to the terminal the user watches).
 pub fn logs_to_file() -> bool {
@@ -72,6 +79,7 @@ pub fn logs_to_file() -> bool {
 
 /// Installs the logger for the process.
 pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<(), LoggerError> {
+    let _ = SETTINGS.set((level, file.map(Path::to_path_buf)));
     let file = match file {
         Some(path) => Some(Mutex::new(
             OpenOptions::new()

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use log::LevelFilter;
 
+use waterbear::api::ApiClient;
 use waterbear::vmm::config::{
     self, check_id, parse_size, KernelSource, MemoryBackend, SerialMode, VmConfig,
 };
 use waterbear::vmm::restore::{restore_from_dir, RestoreOptions};
+use waterbear::vmm::update;
 use waterbear::vmm::{builder, RunOutcome, Vmm};
 
 /// Exit codes; docs/cli.md lists them.
@@ -38,6 +40,50 @@ enum Command {
     /// Work with snapshot files.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Control a running VM through its API socket.
+    Ctl(CtlArgs),
+    /// Internal: the re-executed VMM of a live update.
+    #[command(name = "__resume-update", hide = true)]
+    ResumeUpdate {
+        #[arg(long)]
+        handoff_fd: i32,
+    },
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The VM's API socket (by default <state-dir>/api.sock).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Print the VM's state as JSON.
+    Info,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Save the VM into DIR (created if missing) and resume it unless --keep-paused.
+    Snapshot {
+        dir: PathBuf,
+        /// Leave the VM paused after the snapshot.
+        #[arg(long)]
+        keep_paused: bool,
+    },
+    /// Re-execute the VMM (or --binary) with the guest kept running from the same memory,
+    /// and wait for the new process to report the blackout.
+    Update {
+        /// The waterbear binary to run instead of the current one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// Stop the VM and its VMM.
+    Shutdown,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +112,10 @@ struct RestoreArgs {
     /// Leave the vCPUs paused after the restore (resume through the API).
     #[arg(long)]
     paused: bool,
+
+    /// The control API socket [default: as saved, or <state-dir>/api.sock].
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 
     #[command(flatten)]
     log: LogArgs,
@@ -126,6 +176,10 @@ struct RunArgs {
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     serial: String,
 
+    /// The control API socket (mode 0600) [default: <state-dir>/api.sock].
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+
     /// Name of the VM; names its state directory [default: vm-<pid>].
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
@@ -169,6 +223,10 @@ impl RunArgs {
             memory_bytes: parse_size(&self.memory)?,
             memory,
             serial: self.serial.parse::<SerialMode>()?,
+            api_socket: Some(
+                self.api_socket
+                    .unwrap_or_else(|| state_dir.join("api.sock")),
+            ),
             state_dir,
         })
     }
@@ -267,6 +325,7 @@ fn restore(args: RestoreArgs) -> u8 {
     let opts = RestoreOptions {
         serial,
         state_dir: args.state_dir,
+        api_socket: args.api_socket,
         start_paused: args.paused,
     };
     match restore_from_dir(&args.from, &opts) {
@@ -299,9 +358,19 @@ fn inspect(file: PathBuf) -> u8 {
     }
 }
 
-fn run_vmm(vmm: Vmm) -> u8 {
+fn run_vmm(mut vmm: Vmm) -> u8 {
     let stdio = vmm.config().serial == SerialMode::Stdio;
-    let _terminal = stdio.then(RawTerminal::enter);
+    let terminal = stdio.then(RawTerminal::enter);
+    vmm.set_terminal(
+        terminal
+            .as_ref()
+            .and_then(|t| t.0.as_ref())
+            .map(update::terminal_bytes),
+    );
+    run_started(vmm)
+}
+
+fn run_started(vmm: Vmm) -> u8 {
     match vmm.run() {
         Ok(RunOutcome::GuestStopped(why)) => {
             log::info!("{why}; exiting");
@@ -322,6 +391,112 @@ fn run_vmm(vmm: Vmm) -> u8 {
     }
 }
 
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialise")
+    );
+}
+
+fn ctl(args: CtlArgs) -> u8 {
+    let client = ApiClient::new(&args.api_socket);
+    let result = match args.action {
+        CtlAction::Info => client.info(),
+        CtlAction::Pause => client.pause(),
+        CtlAction::Resume => client.resume(),
+        CtlAction::Snapshot { dir, keep_paused } => client.snapshot(&dir, keep_paused),
+        CtlAction::Shutdown => client.shutdown(),
+        CtlAction::Update { binary } => return ctl_update(&client, binary.as_deref()),
+    };
+    match result {
+        Ok(v) => {
+            print_json(&v);
+            EXIT_OK
+        }
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+/// Starts a live update and waits until the new process answers with a newer
+/// generation (or the old one reports a failure); prints the update report.
+fn ctl_update(client: &ApiClient, binary: Option<&std::path::Path>) -> u8 {
+    let before = match client.info() {
+        Ok(v) => v["generation"].as_u64().unwrap_or(0),
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    if let Err(e) = client.update(binary) {
+        report(&e);
+        return EXIT_ERROR;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let Ok(info) = client.info() else { continue };
+        let last = &info["last_update"];
+        let newer = info["generation"].as_u64().unwrap_or(0) > before;
+        if newer || last["outcome"].as_str() == Some("failed") {
+            print_json(last);
+            return if last["outcome"].as_str() == Some("updated") {
+                EXIT_OK
+            } else {
+                EXIT_ERROR
+            };
+        }
+    }
+    eprintln!("waterbear: error: the VMM did not report the update within 60 s");
+    EXIT_ERROR
+}
+
+/// The receiving side of a live update: restore from the hand-over and run; if that
+/// fails, execute the previous binary with the same hand-over.
+fn resume_update(handoff_fd: i32) -> u8 {
+    let handoff = match update::read_handoff(handoff_fd) {
+        Ok(h) => h,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let level = handoff.log_level.parse().unwrap_or(LevelFilter::Warn);
+    if let Err(e) = waterbear::logger::init(level, handoff.log_file.as_deref()) {
+        report(&e);
+    }
+    match waterbear::vmm::restore::restore_from_handoff(&handoff) {
+        Ok(vmm) => run_started(vmm),
+        Err(e) => {
+            report(&e);
+            fall_back(handoff, e.to_string())
+        }
+    }
+}
+
+/// Executes the binary that handed over, telling it why the new one failed.
+fn fall_back(mut handoff: update::Handoff, error: String) -> u8 {
+    if let Some(first) = &handoff.failure {
+        eprintln!(
+            "waterbear: error: the fallback restore failed too (after: {first}); the guest is lost"
+        );
+        return EXIT_ERROR;
+    }
+    log::error!(
+        "live update to {} failed ({error}); falling back",
+        handoff.binary.display()
+    );
+    handoff.failure = Some(error);
+    let exe = handoff.fallback_exe_fd;
+    match update::write_handoff(&handoff) {
+        Ok(fd) => report(&update::exec_fd(exe, std::os::fd::AsRawFd::as_raw_fd(&fd))),
+        Err(e) => report(&e),
+    }
+    EXIT_ERROR
+}
+
 fn main() -> ExitCode {
     waterbear::vmm::events::block_stop_signals();
     let cli = Cli::parse();
@@ -329,6 +504,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Snapshot(SnapshotCommand::Inspect { file }) => inspect(file),
+        Command::Ctl(args) => ctl(args),
+        Command::ResumeUpdate { handoff_fd } => resume_update(handoff_fd),
     };
     ExitCode::from(code)
 }

@@ -262,7 +262,8 @@ mod tests {
                 expect_continue: false
             })
         );
-        let buf = b"PUT /vm/update HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n{}";
+        let buf =
+            b"PUT /vm/update HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n{}";
         assert_eq!(
             parse_request(buf),
             Ok(Parsed::Partial {
@@ -343,10 +344,9 @@ mod tests {
 
     #[test]
     fn any_buffer_of_the_maximum_size_either_completes_or_fails() {
-        let mut buf = format!(
-            "PUT /vm/update HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\nX-Fill: "
-        )
-        .into_bytes();
+        let mut buf =
+            format!("PUT /vm/update HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\nX-Fill: ")
+                .into_bytes();
         buf.resize(MAX_HEADER_BYTES - 4, b'a');
         buf.extend_from_slice(b"\r\n\r\n");
         buf.resize(MAX_REQUEST_BYTES, b'b');

@@ -10,8 +10,10 @@
 //! Wiring, in the VMM's event loop thread:
 //!
 //! ```ignore
-//! let server = ApiServer::bind(&socket_path, Box::new(handler))?;
-//! let listener_fd = server.listener_fd(); // kept for a live update's execve
+//! // Early, to fail before building the VM; or ApiSocket::from_listener_fd after execve.
+//! let socket = ApiSocket::bind(&socket_path)?;
+//! let listener_fd = socket.listener_fd(); // for keep_fd_across_exec before an execve
+//! let server = ApiServer::new(socket, Box::new(handler))?; // or ApiServer::bind(path, h)
 //! event_manager.add_subscriber(Arc::new(Mutex::new(server)));
 //! ```
 //!
@@ -30,9 +32,9 @@ mod socket;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{ApiClient, ApiClientError};
+pub use client::{ApiClient, ApiClientError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 pub use server::ApiServer;
-pub use socket::{keep_fd_across_exec, ApiServerError, ApiSocket};
+pub use socket::{keep_fd_across_exec, ApiServerError, ApiSocket, MAX_SOCKET_PATH_BYTES};
 
 /// Largest request line plus header block the server accepts.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;

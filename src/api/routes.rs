@@ -126,16 +126,22 @@ fn no_fields(endpoint: &'static str, body: &[u8]) -> Result<(), RouteError> {
 }
 
 /// Decodes a body; `None` for an empty (or all-whitespace) one.
-fn parse<T: DeserializeOwned>(endpoint: &'static str, body: &[u8]) -> Result<Option<T>, RouteError> {
+fn parse<T: DeserializeOwned>(
+    endpoint: &'static str,
+    body: &[u8],
+) -> Result<Option<T>, RouteError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    serde_json::from_slice(body)
+    let bad = |reason: String| RouteError::BadBody { endpoint, reason };
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    // serde would also take a struct from an array of its fields.
+    if !value.is_object() {
+        return Err(bad(format!("expected a JSON object, got {value}")));
+    }
+    serde_json::from_value(value)
         .map(Some)
-        .map_err(|e| RouteError::BadBody {
-            endpoint,
-            reason: e.to_string(),
-        })
+        .map_err(|e| bad(e.to_string()))
 }
 
 fn absolute(endpoint: &'static str, field: &'static str, path: &Path) -> Result<(), RouteError> {
@@ -173,7 +179,11 @@ mod tests {
             }
         );
         assert_eq!(
-            ok("PUT", "/vm/snapshot", r#"{"dir": "/s", "keep_paused": true}"#),
+            ok(
+                "PUT",
+                "/vm/snapshot",
+                r#"{"dir": "/s", "keep_paused": true}"#
+            ),
             ApiRequest::Snapshot {
                 dir: "/s".into(),
                 keep_paused: true
@@ -219,16 +229,36 @@ mod tests {
         let cases = [
             ("PUT", "/vm/snapshot", "", "\"dir\""),
             ("PUT", "/vm/snapshot", "{", "EOF"),
-            ("PUT", "/vm/snapshot", r#"{"keep_paused": true}"#, "missing field `dir`"),
-            ("PUT", "/vm/snapshot", r#"{"dir": "/s", "x": 1}"#, "unknown field `x`"),
+            (
+                "PUT",
+                "/vm/snapshot",
+                r#"{"keep_paused": true}"#,
+                "missing field `dir`",
+            ),
+            (
+                "PUT",
+                "/vm/snapshot",
+                r#"{"dir": "/s", "x": 1}"#,
+                "unknown field `x`",
+            ),
             ("PUT", "/vm/snapshot", r#"{"dir": 5}"#, "invalid type"),
             ("PUT", "/vm/snapshot", r#"{"dir": "rel/dir"}"#, "absolute"),
             ("PUT", "/vm/snapshot", r#"{"dir": ""}"#, "absolute"),
-            ("PUT", "/vm/snapshot", r#"["/s"]"#, "invalid type"),
+            ("PUT", "/vm/snapshot", r#"["/s"]"#, "expected a JSON object"),
             ("PUT", "/vm/update", r#"{"binary": "wb"}"#, "absolute"),
-            ("PUT", "/vm/update", r#"{"bin": "/wb"}"#, "unknown field `bin`"),
-            ("PUT", "/vm/pause", r#"{"now": true}"#, "unknown field `now`"),
-            ("PUT", "/vm/pause", "null", "invalid type"),
+            (
+                "PUT",
+                "/vm/update",
+                r#"{"bin": "/wb"}"#,
+                "unknown field `bin`",
+            ),
+            (
+                "PUT",
+                "/vm/pause",
+                r#"{"now": true}"#,
+                "unknown field `now`",
+            ),
+            ("PUT", "/vm/pause", "null", "expected a JSON object"),
             ("GET", "/vm", "\u{0}", "invalid JSON body for GET /vm"),
         ];
         for (method, path, body, needle) in cases {

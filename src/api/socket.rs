@@ -18,7 +18,9 @@ pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
-    #[error("another process already serves an API at {path}; stop it or choose another socket path")]
+    #[error(
+        "another process already serves an API at {path}; stop it or choose another socket path"
+    )]
     InUse { path: PathBuf },
     #[error("cannot create API socket {path}")]
     Bind { path: PathBuf, source: io::Error },
@@ -28,11 +30,11 @@ pub enum ApiServerError {
     Inspect { path: PathBuf, source: io::Error },
     #[error("{path} exists and is not a socket; refusing to replace it with the API socket")]
     NotASocket { path: PathBuf },
-    #[error("API socket path {path} is {len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH_BYTES}")]
+    #[error("API socket path {path} is {len} bytes long; the limit is {MAX_SOCKET_PATH_BYTES}")]
     PathTooLong { path: PathBuf, len: usize },
     #[error("API socket path {path} does not name a file")]
     NoFileName { path: PathBuf },
-    #[error("inherited descriptor {fd} for API socket {path} is not a listening Unix stream socket ({reason})")]
+    #[error("inherited descriptor {fd} for API socket {path} is unusable: {reason}")]
     NotAListener {
         fd: RawFd,
         path: PathBuf,
@@ -101,7 +103,7 @@ impl ApiSocket {
         let file_id = file_id(path);
         if file_id.is_none() {
             log::warn!(
-                "API socket file {} is gone; the inherited socket serves nobody until the VMM restarts",
+                "API socket file {} is gone; clients cannot reach the inherited socket",
                 path.display()
             );
         }
@@ -111,6 +113,7 @@ impl ApiSocket {
             file_id,
         };
         socket.set_up_descriptor()?;
+        log::info!("API listening on {} (inherited socket)", path.display());
         Ok(socket)
     }
 
@@ -251,7 +254,10 @@ fn make_private_dir(parent: &Path) -> io::Result<PathBuf> {
     let mut last_err = None;
     for _ in 0..32 {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!(".wb{:06x}", (seed ^ n.wrapping_mul(0x9e37_79b9)) & 0xff_ffff);
+        let name = format!(
+            ".wb{:06x}",
+            (seed ^ n.wrapping_mul(0x9e37_79b9)) & 0xff_ffff
+        );
         let dir = parent.join(name);
         match DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
@@ -284,15 +290,15 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 }
 
 fn check_listener(fd: &OwnedFd) -> Result<(), &'static str> {
-    let opt = |name| sockopt_int(fd.as_raw_fd(), name).map_err(|_| "not a socket");
+    let opt = |name| sockopt_int(fd.as_raw_fd(), name).map_err(|_| "it is not a socket");
     if opt(libc::SO_DOMAIN)? != libc::AF_UNIX {
-        return Err("not a Unix socket");
+        return Err("it is not a Unix socket");
     }
     if opt(libc::SO_TYPE)? != libc::SOCK_STREAM {
-        return Err("not a stream socket");
+        return Err("it is not a stream socket");
     }
     if opt(libc::SO_ACCEPTCONN)? == 0 {
-        return Err("not listening");
+        return Err("it is not listening");
     }
     Ok(())
 }
@@ -384,7 +390,10 @@ mod tests {
         let meta = fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("api.sock")]);
         assert!(connect_nonblocking(&path).is_ok());
     }
@@ -439,7 +448,9 @@ mod tests {
     fn bind_works_when_only_the_final_path_fits_a_socket_address() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().as_os_str().len() + 1;
-        let deep = dir.path().join("d".repeat(MAX_SOCKET_PATH_BYTES - base - 4));
+        let deep = dir
+            .path()
+            .join("d".repeat(MAX_SOCKET_PATH_BYTES - base - 4));
         fs::create_dir(&deep).unwrap();
         let path = deep.join("a");
         assert!(path.as_os_str().len() <= MAX_SOCKET_PATH_BYTES);
@@ -466,7 +477,10 @@ mod tests {
         let socket = ApiSocket::bind(&path).unwrap();
         let fd = socket.keep_across_exec().unwrap();
         // SAFETY: F_GETFD only reads the flags of a descriptor we own.
-        assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC, 0);
+        assert_eq!(
+            unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC,
+            0
+        );
 
         let owned = OwnedFd::from(socket.listener.try_clone().unwrap());
         let adopted = ApiSocket::from_listener_fd(owned, &path).unwrap();
@@ -482,7 +496,7 @@ mod tests {
     fn adoption_refuses_a_descriptor_that_is_not_a_listener() {
         let (a, _b) = UnixStream::pair().unwrap();
         let err = ApiSocket::from_listener_fd(a.into(), Path::new("/x")).unwrap_err();
-        assert!(err.to_string().contains("not listening"), "{err}");
+        assert!(err.to_string().contains("it is not listening"), "{err}");
         let file = File::open("/dev/null").unwrap();
         let err = ApiSocket::from_listener_fd(file.into(), Path::new("/x")).unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");

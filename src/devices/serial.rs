@@ -114,6 +114,15 @@ pub struct OutputPump {
 }
 
 impl OutputPump {
+    /// Waits (up to `timeout`) until everything the guest wrote so far is written out.
+    pub fn drain(&self, timeout: std::time::Duration) {
+        let Some(shared) = &self.shared else { return };
+        let deadline = std::time::Instant::now() + timeout;
+        while !lock(&shared.0).bytes.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     pub fn finish(&mut self) {
         if let Some(shared) = &self.shared {
             lock(&shared.0).closed = true;

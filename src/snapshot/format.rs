@@ -119,9 +119,8 @@ fn bincode_config() -> impl bincode::config::Config {
         .with_limit::<{ MAX_PAYLOAD_LEN as usize }>()
 }
 
-/// Frames `payload` as a snapshot and writes it to `path` atomically: a temporary file
-/// in the same directory, fsync, rename over `path`, fsync of the directory.
-pub fn write_file<T: Serialize>(path: &Path, payload: &T) -> Result<Header, SnapshotError> {
+/// Frames `payload` as snapshot bytes: header then encoded payload.
+pub fn encode_frame<T: Serialize>(payload: &T) -> Result<(Header, Vec<u8>), SnapshotError> {
     let body = bincode::serde::encode_to_vec(payload, bincode_config())
         .map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let header = Header {
@@ -133,6 +132,13 @@ pub fn write_file<T: Serialize>(path: &Path, payload: &T) -> Result<Header, Snap
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
     bytes.extend_from_slice(&header.to_bytes());
     bytes.extend_from_slice(&body);
+    Ok((header, bytes))
+}
+
+/// Frames `payload` as a snapshot and writes it to `path` atomically: a temporary file
+/// in the same directory, fsync, rename over `path`, fsync of the directory.
+pub fn write_file<T: Serialize>(path: &Path, payload: &T) -> Result<Header, SnapshotError> {
+    let (header, bytes) = encode_frame(payload)?;
     write_atomic(path, &bytes).map_err(|source| SnapshotError::Write {
         path: path.into(),
         source,

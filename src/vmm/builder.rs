@@ -18,6 +18,7 @@ use super::memory::{backend_page_size, GuestRam};
 use super::state_dir::StateDir;
 use super::vcpu::Vcpu;
 use super::{vm, VmmError};
+use crate::api::ApiSocket;
 
 /// The kernel input after every check that needs no guest memory.
 struct CheckedKernel {
@@ -72,9 +73,22 @@ pub fn build(config: VmConfig) -> Result<Vmm, VmmError> {
     vm::check_vcpu_count(&kvm, config.cpus)?;
 
     let mut state_dir = StateDir::acquire(&config.state_dir)?;
+    let api = match config
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()
+    {
+        Ok(api) => api,
+        Err(e) => {
+            state_dir.remove();
+            return Err(e.into());
+        }
+    };
     let ram = match GuestRam::create(&config.memory, config.memory_bytes) {
         Ok(ram) => ram,
         Err(e) => {
+            remove_socket(api.as_ref());
             state_dir.remove();
             return Err(e.into());
         }
@@ -83,6 +97,7 @@ pub fn build(config: VmConfig) -> Result<Vmm, VmmError> {
         Ok(parts) => parts,
         Err(e) => {
             ram.discard_if_created();
+            remove_socket(api.as_ref());
             state_dir.remove();
             return Err(e);
         }
@@ -94,8 +109,15 @@ pub fn build(config: VmConfig) -> Result<Vmm, VmmError> {
         config.cpus,
         config.memory_bytes >> 20
     );
-    let machine = Machine::new(config, kvm, vm, ram, devices, state_dir);
+    let machine = Machine::new(config, kvm, vm, ram, devices, state_dir, api);
     Ok(Vmm::new(machine, vcpus, false))
+}
+
+/// Removes a socket file this process bound, after a failed start.
+pub(super) fn remove_socket(api: Option<&ApiSocket>) {
+    if let Some(api) = api {
+        let _ = api.remove_file();
+    }
 }
 
 /// Creates the KVM VM, loads the guest, and creates devices and vCPUs; records the

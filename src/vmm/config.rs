@@ -44,7 +44,7 @@ pub enum ConfigError {
 
 /// Where guest RAM lives. The mapping is always `MAP_SHARED`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum MemoryBackend {
     /// An anonymous memfd: survives a re-exec of the VMM (the fd is inherited).
     Memfd,
@@ -68,7 +68,7 @@ impl FromStr for MemoryBackend {
 
 /// Where the guest's first UART goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum SerialMode {
     /// Output to stdout, input from stdin.
     Stdio,
@@ -95,7 +95,7 @@ impl FromStr for SerialMode {
 
 /// The kernel to boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum KernelSource {
     /// A Linux kernel image on disk (ELF vmlinux or bzImage).
     Path { path: PathBuf },
@@ -115,6 +115,9 @@ pub struct VmConfig {
     pub memory: MemoryBackend,
     pub serial: SerialMode,
     pub state_dir: PathBuf,
+    /// The control API socket; none for a VM run without one.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Parses a size such as `512M`, `1G`, `1536MiB` or `256` (bare numbers are MiB, as in

@@ -144,6 +144,10 @@ impl EventLoop {
         Ok(EventLoop { manager, lifecycle })
     }
 
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
+    }
+
     /// Dispatches events until the guest stops or a stop signal arrives.
     pub fn run_until_exit(&mut self) -> Result<LoopEnd, VmmError> {
         loop {

@@ -11,14 +11,19 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::config::{MemoryBackend, SerialMode, VmConfig};
+use super::control::MachineApi;
 use super::devices::Devices;
 use super::events::{EventLoop, LoopEnd};
 use super::memory::GuestRam;
 use super::saved::{self, SavedMemory, VmSnapshot};
 use super::state::save_vm;
 use super::state_dir::StateDir;
+use super::update::{self, Handoff, UpdateError, UpdateReport};
 use super::vcpu::{self, ExitSignal, GuestExit, Vcpu, VcpuHandle};
 use super::{RunOutcome, VmmError};
+use crate::api::{ApiServer, ApiSocket};
+use crate::devices::bus::lock;
+use std::os::fd::AsRawFd;
 
 /// A VM built and ready to run: the machine and its not yet started vCPUs.
 pub struct Vmm {
@@ -56,6 +61,17 @@ pub struct Machine {
     snapshot_memory: Option<PathBuf>,
     started: Instant,
     last_snapshot: Option<SnapshotReport>,
+    /// The API socket until the event loop's server takes it; its path stays known.
+    api_socket: Option<ApiSocket>,
+    api_path: Option<PathBuf>,
+    api_listener_fd: Option<std::os::fd::RawFd>,
+    /// The running binary, kept open so that a failed update can fall back to it.
+    self_exe: Option<std::fs::File>,
+    generation: u64,
+    last_update: Option<UpdateReport>,
+    pending_update: Option<PathBuf>,
+    update_started_ns: Option<u64>,
+    terminal: Option<Vec<u8>>,
 }
 
 impl Vmm {
@@ -71,8 +87,35 @@ impl Vmm {
         &self.machine.config
     }
 
+    /// Marks this VM as the continuation of a live update: the blackout is measured
+    /// from `handoff.pause_started_ns` and reported in `GET /vm`.
+    pub fn continue_update(&mut self, handoff: &Handoff) {
+        let m = &mut self.machine;
+        m.generation = handoff.generation + 1;
+        m.update_started_ns = Some(handoff.pause_started_ns);
+        m.terminal = handoff.terminal.clone();
+        m.last_update = Some(UpdateReport {
+            generation: m.generation,
+            binary: handoff.binary.clone(),
+            blackout_ms: 0.0,
+            outcome: if handoff.failure.is_some() {
+                "fallback".into()
+            } else {
+                "updated".into()
+            },
+            error: handoff.failure.clone(),
+        });
+    }
+
+    /// Records the terminal attributes to restore when the VMM finally exits (handed
+    /// over across live updates).
+    pub fn set_terminal(&mut self, terminal: Option<Vec<u8>>) {
+        self.machine.terminal = terminal;
+    }
+
     /// Starts the vCPUs and runs the event loop until the guest stops, the VMM is
-    /// signalled, or a shutdown is requested; then tears the VM down.
+    /// signalled, or a shutdown is requested; then tears the VM down. A live update
+    /// requested through the API replaces the process from inside this call.
     pub fn run(self) -> Result<RunOutcome, VmmError> {
         let Vmm {
             mut machine,
@@ -108,14 +151,35 @@ impl Vmm {
             }
         }
         machine.paused = start_paused;
+        machine.note_update_blackout();
         log::info!("VM {} running", machine.config.id);
 
+        let api_socket = machine.api_socket.take();
         let machine = Arc::new(Mutex::new(machine));
-        let end = event_loop.run_until_exit();
-        let mut machine = match Arc::try_unwrap(machine) {
-            Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
-            Err(_) => unreachable!("the event loop is gone, so nothing else holds the machine"),
+        if let Some(socket) = api_socket {
+            let handler = Box::new(MachineApi::new(machine.clone()));
+            match ApiServer::new(socket, handler) {
+                Ok(server) => event_loop.add_subscriber(Arc::new(Mutex::new(server))),
+                Err(e) => {
+                    drop(event_loop);
+                    take_machine(machine).teardown();
+                    return Err(e.into());
+                }
+            }
+        }
+
+        let end = loop {
+            match event_loop.run_until_exit() {
+                Ok(LoopEnd::Guest(GuestExit::UpdateRequested)) => {
+                    // Returns only when the update could not happen; the guest runs on.
+                    let err = lock(&machine).live_update();
+                    log::error!("live update failed, the VM runs on: {err}");
+                }
+                other => break other,
+            }
         };
+        drop(event_loop);
+        let mut machine = take_machine(machine);
         let outcome = match end {
             Ok(LoopEnd::Guest(GuestExit::Reset(why))) => {
                 RunOutcome::GuestStopped(format!("guest reset ({why})"))
@@ -124,6 +188,7 @@ impl Vmm {
                 RunOutcome::GuestStopped("guest powered off".into())
             }
             Ok(LoopEnd::Guest(GuestExit::Requested(why))) => RunOutcome::GuestStopped(why.into()),
+            Ok(LoopEnd::Guest(GuestExit::UpdateRequested)) => unreachable!("handled in the loop"),
             Ok(LoopEnd::Guest(GuestExit::Failed(why))) => RunOutcome::GuestFailed(why),
             Ok(LoopEnd::Signal(sig)) => RunOutcome::Signalled(sig),
             Err(e) => {
@@ -141,6 +206,14 @@ impl Vmm {
     }
 }
 
+/// Takes the machine back once the event loop (and with it the API handler) is gone.
+fn take_machine(machine: Arc<Mutex<Machine>>) -> Machine {
+    match Arc::try_unwrap(machine) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
+        Err(_) => unreachable!("the event loop is gone, so nothing else holds the machine"),
+    }
+}
+
 impl Machine {
     pub fn new(
         config: VmConfig,
@@ -149,8 +222,14 @@ impl Machine {
         ram: GuestRam,
         devices: Devices,
         state_dir: StateDir,
+        api_socket: Option<ApiSocket>,
     ) -> Self {
         let exit = Arc::new(ExitSignal::new().expect("an eventfd can be created"));
+        let api_path = api_socket.as_ref().map(|s| s.path().to_path_buf());
+        let api_listener_fd = api_socket.as_ref().map(ApiSocket::listener_fd);
+        let self_exe = update::open_self_exe()
+            .map_err(|e| log::warn!("cannot open the running binary; a failed live update cannot fall back to it: {e}"))
+            .ok();
         Machine {
             config,
             vcpus: Vec::new(),
@@ -164,6 +243,15 @@ impl Machine {
             snapshot_memory: None,
             started: Instant::now(),
             last_snapshot: None,
+            api_socket,
+            api_path,
+            api_listener_fd,
+            self_exe,
+            generation: 0,
+            last_update: None,
+            pending_update: None,
+            update_started_ns: None,
+            terminal: None,
         }
     }
 
@@ -181,7 +269,158 @@ impl Machine {
             h.stop();
         }
         self.devices.serial_pump.finish();
+        if let Some(path) = &self.api_path {
+            let _ = std::fs::remove_file(path);
+        }
         self.state_dir.remove();
+        if let Some(t) = self
+            .terminal
+            .as_deref()
+            .and_then(update::terminal_from_bytes)
+        {
+            // SAFETY: restores attributes read earlier from the same terminal.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        }
+    }
+
+    fn note_update_blackout(&mut self) {
+        if let (Some(start), Some(report)) =
+            (self.update_started_ns.take(), self.last_update.as_mut())
+        {
+            report.blackout_ms = (update::monotonic_ns().saturating_sub(start)) as f64 / 1e6;
+            log::info!(
+                "VM {} live update {} ({}): guest blackout {:.3} ms",
+                self.config.id,
+                report.generation,
+                report.outcome,
+                report.blackout_ms
+            );
+        }
+    }
+
+    /// Checks the update binary and asks the event loop to carry the update out once
+    /// the API response is on its way.
+    pub fn request_update(&mut self, binary: Option<PathBuf>) -> Result<PathBuf, VmmError> {
+        let binary = match binary {
+            Some(b) => b,
+            None => std::fs::read_link("/proc/self/exe").map_err(|source| VmmError::Setup {
+                what: "finding the running binary",
+                source,
+            })?,
+        };
+        update::check_binary(&binary)?;
+        self.pending_update = Some(binary.clone());
+        self.exit.request(GuestExit::UpdateRequested);
+        Ok(binary)
+    }
+
+    /// Carries out a requested live update: pause, save, hand over, execute. Returns
+    /// only if the update could not start, after resuming the guest.
+    pub fn live_update(&mut self) -> UpdateError {
+        let Some(binary) = self.pending_update.take() else {
+            return UpdateError::Prepare {
+                what: "no update was requested",
+                source: std::io::Error::other("none"),
+            };
+        };
+        let was_paused = self.paused;
+        let err = self.try_exec(&binary);
+        // Still here: execve failed. Take the descriptors back and let the guest run.
+        for fd in [
+            Some(self.ram.file().as_raw_fd()),
+            self.api_listener_fd,
+            self.self_exe.as_ref().map(|f| f.as_raw_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = update::set_cloexec(fd, true);
+        }
+        if !was_paused {
+            if let Err(e) = self.resume() {
+                log::error!("cannot resume the VM after the failed update: {e}");
+            }
+        }
+        self.last_update = Some(UpdateReport {
+            generation: self.generation,
+            binary,
+            blackout_ms: 0.0,
+            outcome: "failed".into(),
+            error: Some(err.to_string()),
+        });
+        err
+    }
+
+    fn try_exec(&mut self, binary: &Path) -> UpdateError {
+        let pause_started_ns = update::monotonic_ns();
+        if let Err(e) = self.pause() {
+            return UpdateError::Prepare {
+                what: "pausing the vCPUs",
+                source: std::io::Error::other(e.to_string()),
+            };
+        }
+        let memory = SavedMemory {
+            path: PathBuf::new(),
+            size: self.ram.size(),
+            token: 0,
+            copied: false,
+        };
+        let snapshot = match self.save(memory) {
+            Ok(s) => s,
+            Err(e) => {
+                return UpdateError::Prepare {
+                    what: "saving the VM",
+                    source: std::io::Error::other(e.to_string()),
+                }
+            }
+        };
+        let Some(exe) = self.self_exe.as_ref() else {
+            return UpdateError::Prepare {
+                what: "the running binary",
+                source: std::io::Error::other("not open"),
+            };
+        };
+        let (log_level, log_file) = crate::logger::settings();
+        let handoff = Handoff {
+            snapshot,
+            backend: self.ram.backend().clone(),
+            memory_fd: self.ram.file().as_raw_fd(),
+            api_listener_fd: self.api_listener_fd,
+            fallback_exe_fd: exe.as_raw_fd(),
+            pause_started_ns,
+            generation: self.generation,
+            binary: binary.into(),
+            failure: None,
+            terminal: self.terminal.clone(),
+            log_level: log_level.to_string(),
+            log_file,
+        };
+        let handoff_fd = match update::write_handoff(&handoff) {
+            Ok(fd) => fd,
+            Err(e) => return e,
+        };
+        for fd in [
+            Some(handoff.memory_fd),
+            handoff.api_listener_fd,
+            Some(handoff.fallback_exe_fd),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Err(source) = update::set_cloexec(fd, false) {
+                return UpdateError::Prepare {
+                    what: "handing over a descriptor",
+                    source,
+                };
+            }
+        }
+        self.devices.serial_pump.drain(Duration::from_millis(200));
+        log::info!(
+            "VM {} live update: executing {}",
+            self.config.id,
+            binary.display()
+        );
+        update::exec_binary(binary, handoff_fd.as_raw_fd())
     }
 
     /// Pauses every vCPU; returns how long it took. Pausing a paused VM does nothing.
@@ -352,6 +591,9 @@ impl Machine {
             "state_dir": self.state_dir.path(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "last_snapshot": self.last_snapshot,
+            "generation": self.generation,
+            "last_update": self.last_update,
+            "api_socket": self.api_path,
             "waterbear_version": env!("CARGO_PKG_VERSION"),
         })
     }

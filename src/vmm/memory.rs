@@ -141,6 +141,29 @@ impl GuestRam {
         })
     }
 
+    /// Maps guest RAM from a descriptor handed over by a previous VMM (live update); the
+    /// backend records what the descriptor is.
+    pub fn from_file(file: File, backend: &MemoryBackend, size: u64) -> Result<Self, MemoryError> {
+        let actual = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if actual != size {
+            return Err(MemoryError::FileSize {
+                path: PathBuf::from("<handed-over memory>"),
+                actual,
+                expected: size,
+                actual_mib: actual >> 20,
+            });
+        }
+        let file = Arc::new(file);
+        let mem = map_shared(&file, size)?;
+        Ok(GuestRam {
+            mem,
+            file,
+            size,
+            backend: backend.clone(),
+            created_file: false,
+        })
+    }
+
     /// Removes the memory file if this process created it: used when a start fails, so
     /// that a failed `run` leaves nothing behind.
     pub fn discard_if_created(self) {

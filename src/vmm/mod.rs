@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod events;
@@ -20,6 +21,7 @@ pub mod restore;
 pub mod saved;
 pub mod state;
 pub mod state_dir;
+pub mod update;
 pub mod vcpu;
 pub mod vm;
 
@@ -90,6 +92,10 @@ pub enum VmmError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiServerError),
+    #[error(transparent)]
+    Update(#[from] update::UpdateError),
     #[error("cannot write guest memory to {path}")]
     MemoryWrite {
         path: std::path::PathBuf,

@@ -7,9 +7,12 @@
 //! devices and clock, create the devices and the vCPUs from their state. The VM starts
 //! running only after every part is in place.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::builder::remove_socket;
 use super::config::{MemoryBackend, SerialMode};
 use super::devices::Devices;
 use super::machine::{Machine, Vmm};
@@ -17,15 +20,26 @@ use super::memory::GuestRam;
 use super::saved::{self, VmSnapshot};
 use super::state::{check_host_compat, restore_vm, xsave_size};
 use super::state_dir::StateDir;
+use super::update::{self, Handoff, FAIL_RESTORE_ENV};
 use super::vcpu::Vcpu;
 use super::{vm, VmmError};
+use crate::api::ApiSocket;
 
 /// What a restore may change from the saved configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub serial: Option<SerialMode>,
     pub state_dir: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
     pub start_paused: bool,
+}
+
+/// Where a restored VM's API socket comes from.
+pub enum ApiSource {
+    /// Bind the configured path (a restore in a new process).
+    Bind,
+    /// Adopt the socket inherited from the VMM that re-executed (a live update).
+    Inherited(ApiSocket),
 }
 
 /// Reads the snapshot in `dir` and builds the VM it describes, in this process.
@@ -36,9 +50,13 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
     let backend = MemoryBackend::File {
         path: memory_path.clone(),
     };
-    let vmm = build_restored(snap, backend, opts, |backend, size| {
-        GuestRam::open_existing(backend, size)
-    })?;
+    let vmm = build_restored(
+        snap,
+        backend,
+        opts,
+        ApiSource::Bind,
+        GuestRam::open_existing,
+    )?;
     // The guest will change this memory as soon as it runs: the snapshot is consumed.
     saved::clear_marker(&memory_path);
     log::info!(
@@ -55,6 +73,7 @@ pub fn build_restored(
     mut snap: VmSnapshot,
     backend: MemoryBackend,
     opts: &RestoreOptions,
+    api: ApiSource,
     map: impl FnOnce(&MemoryBackend, u64) -> Result<GuestRam, super::memory::MemoryError>,
 ) -> Result<Vmm, VmmError> {
     let kvm = vm::open_kvm()?;
@@ -73,12 +92,32 @@ pub fn build_restored(
     if let Some(dir) = &opts.state_dir {
         snap.config.state_dir = dir.clone();
     }
+    if let Some(path) = &opts.api_socket {
+        snap.config.api_socket = Some(path.clone());
+    }
     snap.config.memory = backend.clone();
 
     let mut state_dir = StateDir::acquire(&snap.config.state_dir)?;
+    let api = match api {
+        ApiSource::Bind => snap
+            .config
+            .api_socket
+            .as_deref()
+            .map(ApiSocket::bind)
+            .transpose(),
+        ApiSource::Inherited(socket) => Ok(Some(socket)),
+    };
+    let api = match api {
+        Ok(api) => api,
+        Err(e) => {
+            state_dir.remove();
+            return Err(e.into());
+        }
+    };
     let ram = match map(&backend, snap.memory.size) {
         Ok(ram) => ram,
         Err(e) => {
+            remove_socket(api.as_ref());
             state_dir.remove();
             return Err(e.into());
         }
@@ -99,10 +138,44 @@ pub fn build_restored(
     let (vm, devices, vcpus) = match parts {
         Ok(p) => p,
         Err(e) => {
+            remove_socket(api.as_ref());
             state_dir.remove();
             return Err(e);
         }
     };
-    let machine = Machine::new(snap.config, kvm, vm, ram, devices, state_dir);
+    let machine = Machine::new(snap.config, kvm, vm, ram, devices, state_dir, api);
     Ok(Vmm::new(machine, vcpus, opts.start_paused))
+}
+
+/// Builds the VM handed over by a live update, in the re-executed process.
+pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
+    if std::env::var_os(FAIL_RESTORE_ENV).is_some() && handoff.failure.is_none() {
+        return Err(VmmError::Setup {
+            what: "the restore (failure injected by the test environment variable)",
+            source: std::io::Error::other(FAIL_RESTORE_ENV),
+        });
+    }
+    // SAFETY: the descriptors were handed to this process by the previous VMM, which
+    // gave up using them when it executed; nothing else in this process owns them.
+    let memory = unsafe { File::from_raw_fd(handoff.memory_fd) };
+    let api = match (handoff.api_listener_fd, &handoff.snapshot.config.api_socket) {
+        (Some(fd), Some(path)) => {
+            // SAFETY: as above.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            ApiSource::Inherited(ApiSocket::from_listener_fd(fd, path)?)
+        }
+        _ => ApiSource::Bind,
+    };
+    let _ = update::set_cloexec(memory.as_raw_fd(), true);
+    let _ = update::set_cloexec(handoff.fallback_exe_fd, true);
+    let opts = RestoreOptions::default();
+    let mut vmm = build_restored(
+        handoff.snapshot.clone(),
+        handoff.backend.clone(),
+        &opts,
+        api,
+        |backend, size| GuestRam::from_file(memory, backend, size),
+    )?;
+    vmm.continue_update(handoff);
+    Ok(vmm)
 }

@@ -140,9 +140,13 @@ fn vcpu_err(
 }
 
 /// Reads a vCPU's whole state. The vCPU must not be running.
+/// `cpuid` is the table the vCPU was given: saved as set rather than read back, so that
+/// a restored vCPU gets exactly the same table generation after generation (KVM's
+/// read-back adds run-time bits such as OSXSAVE).
 pub fn save_vcpu(
     fd: &VcpuFd,
     index: u8,
+    cpuid: &[kvm_cpuid_entry2],
     msr_indices: &[u32],
     xsave_bytes: usize,
 ) -> Result<VcpuState, StateError> {
@@ -157,11 +161,7 @@ pub fn save_vcpu(
     let msrs = read_msrs(fd, index, msr_indices)?;
     let events = fd.get_vcpu_events().map_err(get("vCPU events"))?;
     let debug_regs = fd.get_debug_regs().map_err(get("debug registers"))?;
-    let cpuid = fd
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(get("CPUID"))?
-        .as_slice()
-        .to_vec();
+    let cpuid = cpuid.to_vec();
     let tsc_khz = fd.get_tsc_khz().ok();
     Ok(VcpuState {
         index,

@@ -91,6 +91,8 @@ pub enum GuestExit {
     Poweroff,
     /// The VMM was asked to stop the VM (API shutdown).
     Requested(&'static str),
+    /// A live update was requested: the event loop hands control back to carry it out.
+    UpdateRequested,
     /// A vCPU hit an error the guest cannot recover from.
     Failed(String),
 }
@@ -161,6 +163,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// MSRs this vCPU saves (probed once its CPUID is set).
     msr_indices: Vec<u32>,
+    /// The CPUID table this vCPU was given.
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     xsave_bytes: usize,
     /// Tell the guest it was paused (KVMCLOCK_CTRL) before it first runs again.
     notify_pause: bool,
@@ -176,6 +180,7 @@ impl Vcpu {
             index,
             fd,
             msr_indices: Vec::new(),
+            cpuid: Vec::new(),
             xsave_bytes,
             notify_pause: false,
         })
@@ -192,6 +197,7 @@ impl Vcpu {
             source,
         })?;
         self.msr_indices = state.msrs.iter().map(|e| e.index).collect();
+        self.cpuid = state.cpuid.clone();
         self.notify_pause = true;
         Ok(())
     }
@@ -202,11 +208,16 @@ impl Vcpu {
     }
 
     fn save(&self) -> Result<VcpuState, VcpuError> {
-        save_vcpu(&self.fd, self.index, &self.msr_indices, self.xsave_bytes).map_err(|source| {
-            VcpuError::Save {
-                index: self.index,
-                source,
-            }
+        save_vcpu(
+            &self.fd,
+            self.index,
+            &self.cpuid,
+            &self.msr_indices,
+            self.xsave_bytes,
+        )
+        .map_err(|source| VcpuError::Save {
+            index: self.index,
+            source,
         })
     }
 
@@ -222,11 +233,12 @@ impl Vcpu {
     /// Sets CPUID, boot MSRs, and the LAPIC's LINT0/LINT1 wiring; for the boot vCPU
     /// also the registers of the kernel entry.
     pub fn configure(
-        &self,
+        &mut self,
         cpuid: &CpuId,
         boot: Option<(&GuestMemoryMmap, EntryPoint)>,
     ) -> Result<(), VcpuError> {
         self.fd.set_cpuid2(cpuid).map_err(self.set_err("CPUID"))?;
+        self.cpuid = cpuid.as_slice().to_vec();
 
         let msrs = boot_msrs();
         let set = self.fd.set_msrs(&msrs).map_err(self.set_err("MSRs"))?;

@@ -6,7 +6,8 @@ use std::process::Command;
 
 fn main() {
     let src = PathBuf::from("resources/testguest");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("testguest.elf");
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("testguest.elf");
     for f in ["guest.c", "start.S", "link.ld"] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }

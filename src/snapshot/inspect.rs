@@ -30,6 +30,16 @@ pub fn inspect(path: &Path) -> Result<Value, SnapshotError> {
     }))
 }
 
+/// The CPUID table as bytes (function, index, flags, registers of each entry), so two
+/// snapshots can be compared by digest.
+fn cpuid_bytes(v: &VcpuState) -> Vec<u8> {
+    v.cpuid
+        .iter()
+        .flat_map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx])
+        .flat_map(u32::to_le_bytes)
+        .collect()
+}
+
 fn vcpu_json(v: &VcpuState) -> Value {
     let r = &v.regs;
     let s = &v.sregs;
@@ -52,7 +62,11 @@ fn vcpu_json(v: &VcpuState) -> Value {
         "cs_selector": format!("{:#x}", s.cs.selector),
         "apic_id": apic_id,
         "msrs": v.msrs.len(),
+        "msr_indices_crc32": crc32fast::hash(
+            &v.msrs.iter().flat_map(|m| m.index.to_le_bytes()).collect::<Vec<u8>>()
+        ),
         "cpuid_entries": v.cpuid.len(),
+        "cpuid_crc32": crc32fast::hash(&cpuid_bytes(v)),
         "xsave_bytes": v.xsave.len() * 4,
         "tsc_khz": v.tsc_khz,
         "pending_exception": v.events.exception.injected != 0 || v.events.exception.pending != 0,

@@ -43,11 +43,10 @@ fn run_scenario(scenario: &str) {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
 
     if let Some(reason) = skip_reason() {
-        // Written to the stderr handle, not with eprintln!, which the harness captures.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: nested scenario {scenario} did not run: {reason}"
-        );
+        // Written to the stderr handle, not with eprintln!, which the harness captures;
+        // in one write so that the line stays whole between the harness's own output.
+        let line = format!("SKIPPED: nested scenario {scenario} did not run: {reason}\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return;
     }
 

@@ -42,12 +42,42 @@ enum Command {
     Snapshot(SnapshotCommand),
     /// Control a running VM through its API socket.
     Ctl(CtlArgs),
+    /// Measure restore latency and live-update blackout with the built-in guest (needs
+    /// /dev/kvm); prints a table and writes JSON.
+    Bench(BenchArgs),
     /// Internal: the re-executed VMM of a live update.
     #[command(name = "__resume-update", hide = true)]
     ResumeUpdate {
         #[arg(long)]
         handoff_fd: i32,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Guest memory sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "128M,512M,1G,4G")]
+    sizes: Vec<String>,
+
+    /// Numbers of VMs restored at the same time.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    vms: Vec<usize>,
+
+    /// Live updates per memory size.
+    #[arg(long, default_value_t = 10)]
+    updates: usize,
+
+    /// Directory for memory files and snapshots (tmpfs keeps disk speed out of it).
+    #[arg(long, default_value = "/dev/shm")]
+    work_dir: PathBuf,
+
+    /// Write the figures as JSON here.
+    #[arg(long, value_name = "PATH", default_value = "bench-restore.json")]
+    json: PathBuf,
+
+    /// Also write the tables as Markdown here.
+    #[arg(long, value_name = "PATH")]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +142,11 @@ struct RestoreArgs {
     /// Leave the vCPUs paused after the restore (resume through the API).
     #[arg(long)]
     paused: bool,
+
+    /// Copy the snapshot's memory into a new memfd instead of mapping it in place: slower
+    /// (the cost grows with memory size) but the snapshot stays restorable.
+    #[arg(long)]
+    copy_memory: bool,
 
     /// The control API socket [default: as saved, or <state-dir>/api.sock].
     #[arg(long, value_name = "PATH")]
@@ -327,6 +362,7 @@ fn restore(args: RestoreArgs) -> u8 {
         state_dir: args.state_dir,
         api_socket: args.api_socket,
         start_paused: args.paused,
+        copy_memory: args.copy_memory,
     };
     match restore_from_dir(&args.from, &opts) {
         Ok(vmm) => run_vmm(vmm),
@@ -497,7 +533,93 @@ fn fall_back(mut handoff: update::Handoff, error: String) -> u8 {
     EXIT_ERROR
 }
 
+fn bench(args: BenchArgs) -> u8 {
+    use waterbear::bench;
+    let sizes: Vec<u64> = match args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s).map(|b| b >> 20))
+        .collect()
+    {
+        Ok(v) => v,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let dir = match tempfile_dir(&args.work_dir) {
+        Ok(d) => d,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let result = (|| {
+        let mut restores = Vec::new();
+        for &mib in &sizes {
+            for copy in [false, true] {
+                let r = bench::restore_round(&dir, mib, 1, copy)?;
+                eprintln!(
+                    "restore {mib} MiB {}: {:.2} ms to vCPUs running",
+                    r.mode, r.startup_ms_median
+                );
+                restores.push(r);
+            }
+        }
+        let small = sizes.first().copied().unwrap_or(128);
+        for &n in args.vms.iter().filter(|&&n| n > 1) {
+            let r = bench::restore_round(&dir, small, n, false)?;
+            eprintln!(
+                "restore {n} x {small} MiB: {:.2} ms median",
+                r.startup_ms_median
+            );
+            restores.push(r);
+        }
+        let mut updates = Vec::new();
+        for &mib in &sizes {
+            let u = bench::update_round(&dir, mib, args.updates)?;
+            eprintln!(
+                "live update {mib} MiB: {:.2} ms median blackout",
+                u.blackout_ms_median
+            );
+            updates.push(u);
+        }
+        Ok::<_, bench::BenchError>((restores, updates))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (restores, updates) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let table = bench::markdown(&restores, &updates);
+    println!("{table}");
+    let json = serde_json::json!({"restore": restores, "live_update": updates});
+    let mut outputs = vec![(
+        args.json,
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )];
+    outputs.extend(args.markdown.map(|p| (p, table)));
+    for (path, text) in outputs {
+        if let Err(e) = bench::write(&path, &text) {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    }
+    EXIT_OK
+}
+
+/// A fresh directory under `parent` for one benchmark run.
+fn tempfile_dir(parent: &std::path::Path) -> std::io::Result<PathBuf> {
+    let dir = parent.join(format!("waterbear-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 fn main() -> ExitCode {
+    waterbear::mark_process_start();
     waterbear::vmm::events::block_stop_signals();
     let cli = Cli::parse();
     let code = match cli.command {
@@ -505,6 +627,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Snapshot(SnapshotCommand::Inspect { file }) => inspect(file),
         Command::Ctl(args) => ctl(args),
+        Command::Bench(args) => bench(args),
         Command::ResumeUpdate { handoff_fd } => resume_update(handoff_fd),
     };
     ExitCode::from(code)

@@ -162,6 +162,7 @@ fn load_guest(
         cmdline_addr: CMDLINE_START,
         cmdline_len: config.cmdline.len(),
         initrd,
+        rsdp: None,
     };
     match kernel.entry {
         EntryPoint::Pvh(_) => write_pvh_info(mem, &data, ram.size())?,

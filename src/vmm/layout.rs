@@ -35,8 +35,9 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// End of conventional memory; 0xa0000..0x100000 is the legacy VGA/ROM hole.
 pub const LOW_RAM_END: u64 = 0xa0000;
-/// The BIOS area where the MP table lives (scanned by Linux).
-pub const BIOS_AREA_START: u64 = 0xf0000;
+/// The BIOS area, reserved: ACPI tables from 0xE0000, the MP table from 0xF0000 (both
+/// where Linux scans for them).
+pub const BIOS_AREA_START: u64 = 0xe0000;
 /// Start of high memory, where kernels are loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 

@@ -60,6 +60,8 @@ pub struct Machine {
     /// A memory file whose snapshot marker stays valid while the guest stays paused.
     snapshot_memory: Option<PathBuf>,
     started: Instant,
+    /// Milliseconds from the process start to the vCPUs running.
+    startup_ms: Option<f64>,
     last_snapshot: Option<SnapshotReport>,
     /// The API socket until the event loop's server takes it; its path stays known.
     api_socket: Option<ApiSocket>,
@@ -151,6 +153,7 @@ impl Vmm {
             }
         }
         machine.paused = start_paused;
+        machine.startup_ms = Some(crate::process_age_ms());
         machine.note_update_blackout();
         log::info!("VM {} running", machine.config.id);
 
@@ -242,6 +245,7 @@ impl Machine {
             paused: false,
             snapshot_memory: None,
             started: Instant::now(),
+            startup_ms: None,
             last_snapshot: None,
             api_socket,
             api_path,
@@ -590,6 +594,7 @@ impl Machine {
             "kernel": self.config.kernel,
             "state_dir": self.state_dir.path(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
+            "startup_ms": self.startup_ms,
             "last_snapshot": self.last_snapshot,
             "generation": self.generation,
             "last_update": self.last_update,

@@ -10,7 +10,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
 
 use super::config::MemoryBackend;
 use super::layout::ram_ranges;
@@ -139,6 +142,33 @@ impl GuestRam {
             backend: backend.clone(),
             created_file: false,
         })
+    }
+
+    /// A new memfd-backed RAM holding a copy of the memory file at `path`, which must
+    /// have exactly `size` bytes (a copying restore).
+    pub fn copy_of(path: &Path, backend: &MemoryBackend, size: u64) -> Result<Self, MemoryError> {
+        let open_err = |source| MemoryError::OpenFile {
+            path: path.into(),
+            source,
+        };
+        let mut file = File::open(path).map_err(open_err)?;
+        let actual = file.metadata().map_err(open_err)?.len();
+        if actual != size {
+            return Err(MemoryError::FileSize {
+                path: path.into(),
+                actual,
+                expected: size,
+                actual_mib: actual >> 20,
+            });
+        }
+        let ram = GuestRam::create(backend, size)?;
+        for region in ram.memory().iter() {
+            let len = region.len() as usize;
+            ram.memory()
+                .read_exact_volatile_from(region.start_addr(), &mut file, len)
+                .map_err(|e| open_err(std::io::Error::other(e)))?;
+        }
+        Ok(ram)
     }
 
     /// Maps guest RAM from a descriptor handed over by a previous VMM (live update); the

@@ -32,6 +32,8 @@ pub struct RestoreOptions {
     pub state_dir: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
     pub start_paused: bool,
+    /// Copy the memory into a new memfd instead of mapping the file in place.
+    pub copy_memory: bool,
 }
 
 /// Where a restored VM's API socket comes from.
@@ -47,18 +49,26 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
     let started = Instant::now();
     let snap = saved::read_snapshot(dir)?;
     let memory_path = saved::check_memory_file(dir, &snap)?;
-    let backend = MemoryBackend::File {
-        path: memory_path.clone(),
+    let vmm = if opts.copy_memory {
+        // The snapshot's memory is read into a new memfd and stays as it was, so the
+        // snapshot can be restored again.
+        let copy = |backend: &MemoryBackend, size| GuestRam::copy_of(&memory_path, backend, size);
+        build_restored(snap, MemoryBackend::Memfd, opts, ApiSource::Bind, copy)?
+    } else {
+        let backend = MemoryBackend::File {
+            path: memory_path.clone(),
+        };
+        let vmm = build_restored(
+            snap,
+            backend,
+            opts,
+            ApiSource::Bind,
+            GuestRam::open_existing,
+        )?;
+        // The guest changes this memory as soon as it runs: the snapshot is consumed.
+        saved::clear_marker(&memory_path);
+        vmm
     };
-    let vmm = build_restored(
-        snap,
-        backend,
-        opts,
-        ApiSource::Bind,
-        GuestRam::open_existing,
-    )?;
-    // The guest will change this memory as soon as it runs: the snapshot is consumed.
-    saved::clear_marker(&memory_path);
     log::info!(
         "VM {} restored from {} in {:.3} ms",
         vmm.config().id,

@@ -33,6 +33,8 @@ pub struct BootData {
     pub cmdline_addr: u64,
     pub cmdline_len: usize,
     pub initrd: Option<(u64, u64)>,
+    /// The ACPI RSDP, for kernels that take it from the boot protocol.
+    pub rsdp: Option<u64>,
 }
 
 /// The guest memory map for `memory` bytes of RAM: conventional memory up to the EBDA,
@@ -93,6 +95,7 @@ pub fn write_boot_params(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    params.acpi_rsdp_addr = data.rsdp.unwrap_or(0);
     let map = memory_map(memory);
     for (slot, e) in params.e820_table.iter_mut().zip(map.iter()) {
         *slot = boot_e820_entry {
@@ -134,6 +137,7 @@ pub fn write_pvh_info(
         cmdline_paddr: data.cmdline_addr,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len().min(PVH_MEMMAP_MAX) as u32,
+        rsdp_paddr: data.rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((addr, size)) = data.initrd {
@@ -190,6 +194,7 @@ mod tests {
             cmdline_addr: CMDLINE_START,
             cmdline_len: 10,
             initrd: Some((0x1e0_0000, 4096)),
+            rsdp: None,
         };
         write_boot_params(&mem, None, &data, 32 << 20).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
@@ -206,6 +211,7 @@ mod tests {
             cmdline_addr: CMDLINE_START,
             cmdline_len: 10,
             initrd: Some((0x1e0_0000, 4096)),
+            rsdp: None,
         };
         write_pvh_info(&mem, &data, 32 << 20).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();

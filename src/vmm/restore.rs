@@ -86,6 +86,7 @@ pub fn build_restored(
     api: ApiSource,
     map: impl FnOnce(&MemoryBackend, u64) -> Result<GuestRam, super::memory::MemoryError>,
 ) -> Result<Vmm, VmmError> {
+    let t = Instant::now();
     let kvm = vm::open_kvm()?;
     vm::check_vcpu_count(&kvm, snap.config.cpus)?;
     let supported = kvm
@@ -95,6 +96,7 @@ pub fn build_restored(
     let scratch = kvm.create_vm().map_err(vm::VmError::CreateVm)?;
     check_host_compat(&supported, &snap.vcpus, xsave_size(&scratch))?;
     drop(scratch);
+    log::debug!("restore: host checks done at {:.3} ms", ms(t));
 
     if let Some(serial) = &opts.serial {
         snap.config.serial = serial.clone();
@@ -132,9 +134,11 @@ pub fn build_restored(
             return Err(e.into());
         }
     };
+    log::debug!("restore: memory mapped at {:.3} ms", ms(t));
     let parts = (|| {
         let vm = vm::create_vm(&kvm, ram.memory())?;
         restore_vm(&vm, &snap.vm)?;
+        log::debug!("restore: VM state restored at {:.3} ms", ms(t));
         let devices = Devices::create(&vm, &snap.config.serial, Some(&snap.devices))?;
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
@@ -142,7 +146,9 @@ pub fn build_restored(
             vcpu.restore(state)?;
             vcpus.push(vcpu);
         }
+        log::debug!("restore: vCPUs restored at {:.3} ms", ms(t));
         state_dir.write_config(&snap.config)?;
+        log::debug!("restore: config written at {:.3} ms", ms(t));
         Ok::<_, VmmError>((vm, devices, vcpus))
     })();
     let (vm, devices, vcpus) = match parts {
@@ -188,4 +194,8 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
     )?;
     vmm.continue_update(handoff);
     Ok(vmm)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }

@@ -91,7 +91,13 @@ impl StateDir {
     /// Writes `config.json` atomically: temporary name, fsync, rename, fsync of the dir.
     pub fn write_config(&self, config: &VmConfig) -> Result<(), StateDirError> {
         let json = serde_json::to_vec_pretty(config).expect("VmConfig always serialises");
-        write_atomic(&self.path.join(CONFIG_FILE), &json)
+        let path = self.path.join(CONFIG_FILE);
+        // A live update or a restore in place usually finds the same config: skip the
+        // fsyncs, they sit in the guest's blackout.
+        if fs::read(&path).is_ok_and(|old| old == json) {
+            return Ok(());
+        }
+        write_atomic(&path, &json)
     }
 
     /// Removes the files this process wrote and the directory if it made it and it is

@@ -363,6 +363,7 @@ fn restore(args: RestoreArgs) -> u8 {
         api_socket: args.api_socket,
         start_paused: args.paused,
         copy_memory: args.copy_memory,
+        snapshot_dir: None,
     };
     match restore_from_dir(&args.from, &opts) {
         Ok(vmm) => run_vmm(vmm),

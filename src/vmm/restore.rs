@@ -34,6 +34,15 @@ pub struct RestoreOptions {
     pub start_paused: bool,
     /// Copy the memory into a new memfd instead of mapping the file in place.
     pub copy_memory: bool,
+    /// The directory the snapshot is read from (set by `restore_from_dir`).
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Where a restored VM's API socket comes from.
@@ -49,6 +58,7 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
     let started = Instant::now();
     let snap = saved::read_snapshot(dir)?;
     let memory_path = saved::check_memory_file(dir, &snap)?;
+    let opts = &RestoreOptions { snapshot_dir: Some(dir.to_path_buf()), ..opts.clone() };
     let vmm = if opts.copy_memory {
         // The snapshot's memory is read into a new memfd and stays as it was, so the
         // snapshot can be restored again.
@@ -67,6 +77,11 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
         )?;
         // The guest changes this memory as soon as it runs: the snapshot is consumed.
         saved::clear_marker(&memory_path);
+        if same_dir(dir, &vmm.config().state_dir) {
+            // Kept for diagnosis, under a name that no longer marks a saved VM.
+            let state = dir.join(saved::STATE_FILE);
+            let _ = std::fs::rename(&state, state.with_extension("state.restored"));
+        }
         vmm
     };
     log::info!(
@@ -109,7 +124,8 @@ pub fn build_restored(
     }
     snap.config.memory = backend.clone();
 
-    let mut state_dir = StateDir::acquire(&snap.config.state_dir)?;
+    let restoring_here = opts.snapshot_dir.as_deref().is_some_and(|d| same_dir(d, &snap.config.state_dir));
+    let mut state_dir = StateDir::acquire_with(&snap.config.state_dir, restoring_here)?;
     let api = match api {
         ApiSource::Bind => snap
             .config

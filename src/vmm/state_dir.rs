@@ -44,20 +44,27 @@ impl StateDir {
     /// Creates (if needed) and locks the directory. Refuses one whose VM is running or
     /// that holds a saved VM.
     pub fn acquire(path: &Path) -> Result<Self, StateDirError> {
+        Self::acquire_with(path, false)
+    }
+
+    /// As `acquire`; `restoring_here` accepts a directory holding a saved VM because
+    /// that VM is the one being restored from it (a host reset saves each VM into its
+    /// own state directory).
+    pub fn acquire_with(path: &Path, restoring_here: bool) -> Result<Self, StateDirError> {
         let created_dir = !path.exists();
         fs::create_dir_all(path).map_err(|source| StateDirError::Create {
             path: path.into(),
             source,
         })?;
-        let result = Self::lock(path, created_dir);
+        let result = Self::lock(path, created_dir, restoring_here);
         if result.is_err() && created_dir {
             let _ = fs::remove_dir_all(path);
         }
         result
     }
 
-    fn lock(path: &Path, created_dir: bool) -> Result<Self, StateDirError> {
-        if path.join(SAVED_STATE_FILE).exists() {
+    fn lock(path: &Path, created_dir: bool, restoring_here: bool) -> Result<Self, StateDirError> {
+        if !restoring_here && path.join(SAVED_STATE_FILE).exists() {
             return Err(StateDirError::HoldsSavedVm {
                 path: path.into(),
                 file: SAVED_STATE_FILE,

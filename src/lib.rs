@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bench;
 pub mod devices;
+pub mod host;
 pub mod logger;
 pub mod snapshot;
 pub mod vmm;

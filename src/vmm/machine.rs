@@ -399,7 +399,10 @@ impl Machine {
             log_level: log_level.to_string(),
             log_file,
         };
-        log::debug!("live update: paused and saved in {:.3} ms", (update::monotonic_ns() - pause_started_ns) as f64 / 1e6);
+        log::debug!(
+            "live update: paused and saved in {:.3} ms",
+            (update::monotonic_ns() - pause_started_ns) as f64 / 1e6
+        );
         let handoff_fd = match update::write_handoff(&handoff) {
             Ok(fd) => fd,
             Err(e) => return e,

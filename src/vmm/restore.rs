@@ -58,7 +58,10 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
     let started = Instant::now();
     let snap = saved::read_snapshot(dir)?;
     let memory_path = saved::check_memory_file(dir, &snap)?;
-    let opts = &RestoreOptions { snapshot_dir: Some(dir.to_path_buf()), ..opts.clone() };
+    let opts = &RestoreOptions {
+        snapshot_dir: Some(dir.to_path_buf()),
+        ..opts.clone()
+    };
     let vmm = if opts.copy_memory {
         // The snapshot's memory is read into a new memfd and stays as it was, so the
         // snapshot can be restored again.
@@ -124,7 +127,10 @@ pub fn build_restored(
     }
     snap.config.memory = backend.clone();
 
-    let restoring_here = opts.snapshot_dir.as_deref().is_some_and(|d| same_dir(d, &snap.config.state_dir));
+    let restoring_here = opts
+        .snapshot_dir
+        .as_deref()
+        .is_some_and(|d| same_dir(d, &snap.config.state_dir));
     let mut state_dir = StateDir::acquire_with(&snap.config.state_dir, restoring_here)?;
     let api = match api {
         ApiSource::Bind => snap

@@ -710,6 +710,7 @@ fn host(args: HostArgs) -> u8 {
     let self_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("waterbear"));
     // recover succeeds when its last step did, whatever failed (and escalated) before.
     let judge_last_only = matches!(args.action, HostAction::Recover { .. });
+    let prints_table = matches!(args.action, HostAction::Status | HostAction::RestoreAll);
     let result: Result<serde_json::Value, waterbear::host::HostError> = match args.action {
         HostAction::Status => inventory::scan(&root).map(|vms| {
             if !args.json {
@@ -789,8 +790,7 @@ fn host(args: HostArgs) -> u8 {
     match result {
         Ok(v) => {
             // status and restore-all print their own table; the rest print JSON.
-            let printed_table = matches!(v, serde_json::Value::Array(_)) && !judge_last_only;
-            if args.json || !printed_table {
+            if args.json || !prints_table {
                 print_json(&v);
             }
             let bad = |x: &serde_json::Value| {

@@ -95,3 +95,13 @@ fn nested_boot_stock_cloud_kernel_two_vcpus() {
 fn nested_console_echoes_typed_command_and_reboots() {
     run_scenario("console");
 }
+
+#[test]
+fn nested_restore_in_new_process_continues_linux_guest() {
+    run_scenario("restore");
+}
+
+#[test]
+fn nested_twenty_live_updates_keep_linux_guest_running() {
+    run_scenario("live-update");
+}

@@ -80,3 +80,316 @@ pub fn ticks(console: &str) -> Vec<(u64, bool)> {
         })
         .collect()
 }
+
+// ---- Helpers for tests that drive running VMMs (snapshot, restore, live update). ----
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A temporary directory on /dev/shm when it exists (memory files want tmpfs), else the
+/// default temporary directory.
+pub fn shm_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("wb-").tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The console file's text, empty while it does not exist.
+pub fn read_console(path: &Path) -> String {
+    std::fs::read(path).map(|b| text(&b)).unwrap_or_default()
+}
+
+/// The highest tick number in `console`, 0 if none.
+pub fn last_tick(console: &str) -> u64 {
+    ticks(console).iter().map(|t| t.0).max().unwrap_or(0)
+}
+
+/// Waits until the console at `path` shows tick `n` (or a later one) and returns its text.
+pub fn wait_for_tick(path: &Path, n: u64, timeout: Duration) -> String {
+    let mut console = String::new();
+    wait_until(&format!("tick {n} in {}", path.display()), timeout, || {
+        console = read_console(path);
+        last_tick(&console) >= n
+    });
+    console
+}
+
+/// How many times the built-in guest's boot banner appears (one per boot).
+pub fn banners(console: &str) -> usize {
+    console.matches("waterbear test guest:").count()
+}
+
+/// Checks that the tick lines in `console` count up by exactly one each, all with "ok",
+/// and returns their numbers.
+pub fn assert_consecutive_ok_ticks(console: &str) -> Vec<u64> {
+    let t = ticks(console);
+    for w in t.windows(2) {
+        assert_eq!(
+            w[1].0,
+            w[0].0 + 1,
+            "tick {} followed by tick {}: the counter did not continue by one\n{console}",
+            w[0].0,
+            w[1].0
+        );
+    }
+    if let Some(bad) = t.iter().find(|x| !x.1) {
+        panic!(
+            "tick {} does not end in \"ok\" (memory checksum)\n{console}",
+            bad.0
+        );
+    }
+    t.iter().map(|x| x.0).collect()
+}
+
+/// Runs `waterbear ctl --api-socket API ARGS...` (bounded by `timeout 90`).
+pub fn ctl(api: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("90")
+        .arg(waterbear())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run timeout + waterbear ctl")
+}
+
+/// Runs `ctl ARGS`, asserts it exits 0 and returns its JSON output.
+pub fn ctl_ok(api: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ctl(api, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "waterbear ctl {args:?} failed: stdout {} stderr {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}): {}", text(&out.stdout)))
+}
+
+/// A waterbear process started by a test (a `run` or a `restore`). Its stdout and
+/// stderr go to files beside its console; it is killed and reaped on drop if it is
+/// still running, so a failing test leaves no VM behind.
+pub struct VmProcess {
+    child: Child,
+    pub api: PathBuf,
+    pub console: PathBuf,
+    pub stderr: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl VmProcess {
+    /// Starts `waterbear ARGS...` with extra environment `envs`. `console` is where the
+    /// caller pointed the serial port; `api` the API socket it configured. Output files
+    /// are named after `label` in `dir`.
+    pub fn spawn<S: AsRef<OsStr>>(
+        dir: &Path,
+        label: &str,
+        args: &[S],
+        envs: &[(&str, &str)],
+        api: &Path,
+        console: &Path,
+    ) -> Self {
+        let stdout = dir.join(format!("{label}.stdout"));
+        let stderr = dir.join(format!("{label}.stderr"));
+        let child = Command::new(waterbear())
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("stdout file"))
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn waterbear");
+        VmProcess {
+            child,
+            api: api.into(),
+            console: console.into(),
+            stderr,
+            exited: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        read_console(&self.stderr)
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
+    /// Waits until `ctl info` answers (the VM is up and serving its API); panics with
+    /// the process's stderr if it exits first.
+    pub fn wait_api(&mut self, timeout: Duration) -> serde_json::Value {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "waterbear exited ({status}) before its API answered: {}",
+                    self.stderr_text()
+                );
+            }
+            if self.api.exists() {
+                let out = ctl(&self.api, &["info"]);
+                if out.status.success() {
+                    return serde_json::from_slice(&out.stdout).expect("info is JSON");
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "the API at {} did not answer within {timeout:?}: {}",
+                self.api.display(),
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the guest prints tick `n` or later; panics with stderr if the process
+    /// exits first. Returns the console text.
+    pub fn wait_tick(&mut self, n: u64, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let console = read_console(&self.console);
+            if last_tick(&console) >= n {
+                return console;
+            }
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "waterbear exited ({status}) before tick {n}: stderr {}\nconsole {console}",
+                    self.stderr_text()
+                );
+            }
+            assert!(
+                Instant::now() < end,
+                "no tick {n} within {timeout:?} (last {}): stderr {}\nconsole {console}",
+                last_tick(&console),
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit; kills it and panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return status;
+            }
+            if Instant::now() >= end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "waterbear did not exit within {timeout:?}: {}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ctl shutdown`, then waits for exit status 0.
+    pub fn shutdown(&mut self) {
+        let out = ctl(&self.api, &["shutdown"]);
+        assert!(
+            out.status.success(),
+            "ctl shutdown failed: {} / VMM stderr {}",
+            text(&out.stderr),
+            self.stderr_text()
+        );
+        let status = self.wait_exit(Duration::from_secs(20));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "the VMM did not exit 0 after shutdown: {}",
+            self.stderr_text()
+        );
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Arguments for `waterbear run` of the built-in guest with everything under `dir`:
+/// state directory `dir/state`, API socket `dir/api.sock`, console `dir/console`,
+/// 32 MiB of RAM, ticking every 50 ms. `extra` is appended (a memory backend, --cpus).
+pub fn builtin_run_args(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--api-socket".into(),
+        dir.join("api.sock").display().to_string(),
+        "--serial".into(),
+        format!("file={}", dir.join("console").display()),
+        "--cmdline".into(),
+        "tick_ms=50".into(),
+    ];
+    if !extra.iter().any(|a| *a == "--memory") {
+        args.extend(["--memory".into(), "32M".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts the built-in guest as `builtin_run_args` describes, with extra environment.
+pub fn start_builtin_vm(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> VmProcess {
+    VmProcess::spawn(
+        dir,
+        "run",
+        &builtin_run_args(dir, extra),
+        envs,
+        &dir.join("api.sock"),
+        &dir.join("console"),
+    )
+}
+
+/// Every file under `dir` with its bytes (None for what cannot be read: directories,
+/// sockets), for "nothing on disk changed" checks.
+pub fn tree_with_bytes(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    tree(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = if p.is_file() {
+                std::fs::read(&p).ok()
+            } else {
+                None
+            };
+            (p, bytes)
+        })
+        .collect()
+}

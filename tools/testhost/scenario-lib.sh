@@ -248,3 +248,240 @@ testhost_kexec_initrd() {
         (cd / && echo boot/initrd.img | cpio -o -H newc 2>/dev/null)
     } >"$1"
 }
+
+# --- Snapshot, restore and live update (scenarios restore, live-update) -----------
+#
+# These scenarios run one guest through several waterbear processes (run, then
+# restore) or through live updates of one process, and check from the guest's WB-*
+# lines that it continued: resources/guest/README.md "How tests use them".
+
+# The API socket wb_ctl talks to.
+WB_API=""
+# The guest's tick period in ms (resources/guest/README.md: a WB-TICK every 0.5 s).
+TICK_PERIOD_MS=500
+
+# As wb_reader, but when the output ends in the middle of a line (waterbear exited
+# while the guest was printing it), that line is logged as it is and
+# $WB_DIR/partial-tail is created: the rest of it comes from the next process that
+# runs the same guest (see wb_join_logs).
+wb_reader_marking() {
+    local line t partial
+    while :; do
+        partial=0
+        if ! IFS= read -r line; then
+            [ -n "$line" ] || break
+            partial=1
+        fi
+        t=$EPOCHREALTIME
+        line=${line%"$CR"}
+        echo "${t%.*}${t#*.} $line" >>"$WB_DIR/log"
+        echo "| $line"
+        if [ "$partial" = 1 ]; then
+            : >"$WB_DIR/partial-tail"
+            break
+        fi
+    done
+}
+
+# wb_start_cmd NAME SUBCOMMAND ARGS...: as wb_start, but runs `waterbear SUBCOMMAND
+# ARGS...` (run, restore) and marks a last line cut short (wb_reader_marking). Give
+# each process of one guest its own NAME: the earlier logs stay for wb_join_logs.
+wb_start_cmd() {
+    local name=$1 cmd=$2 t0
+    shift 2
+    WB_DIR=$WB_RUNS/$name
+    rm -rf "$WB_DIR"
+    mkdir -p "$WB_DIR"
+    mkfifo "$WB_DIR/in" "$WB_DIR/out"
+    : >"$WB_DIR/log"
+    exec 8<>"$WB_DIR/in"
+    WB_RSS_KIB=0
+    WB_STATUS=""
+    note "waterbear $cmd $*"
+
+    t0=$EPOCHREALTIME
+    "$WB_BIN" "$cmd" "$@" <"$WB_DIR/in" >"$WB_DIR/out" 2>&1 8<&- &
+    WB_PID=$!
+    WB_T0_US=${t0%.*}${t0#*.}
+    wb_reader_marking <"$WB_DIR/out" 8<&- &
+    WB_READER=$!
+}
+
+# wb_ctl ACTION ARGS...: `waterbear ctl --api-socket $WB_API ACTION ARGS...`. Sets
+# WB_CTL_OUT (its JSON), WB_CTL_STATUS, WB_CTL_T0_US/WB_CTL_T1_US (start and end) and
+# WB_CTL_MS (wall time). Does not fail by itself; stderr goes to $WB_DIR/ctl.err and
+# is shown when the command failed.
+wb_ctl() {
+    local t0 t1
+    t0=$EPOCHREALTIME
+    WB_CTL_STATUS=0
+    WB_CTL_OUT=$("$WB_BIN" ctl --api-socket "$WB_API" "$@" 2>"$WB_DIR/ctl.err") ||
+        WB_CTL_STATUS=$?
+    t1=$EPOCHREALTIME
+    WB_CTL_T0_US=${t0%.*}${t0#*.}
+    WB_CTL_T1_US=${t1%.*}${t1#*.}
+    WB_CTL_MS=$(((WB_CTL_T1_US - WB_CTL_T0_US) / 1000))
+    if [ "$WB_CTL_STATUS" != 0 ]; then
+        note "ctl $* exited with status $WB_CTL_STATUS after $WB_CTL_MS ms:"
+        printf '%s\n' "$WB_CTL_OUT" | sed 's/^/ctl| /'
+        sed 's/^/ctl| /' "$WB_DIR/ctl.err"
+    fi
+}
+
+# ctl_json KEY: a top-level scalar of the JSON wb_ctl printed (pretty-printed, so
+# top-level keys are indented by two spaces), without quotes; empty if absent.
+ctl_json() {
+    printf '%s\n' "$WB_CTL_OUT" |
+        sed -n "s/^  \"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p" | head -n 1
+}
+
+# wb_expect_after US ERE TIMEOUT_S: as wb_expect, for a line that arrived after the
+# time US (microseconds, as in the log).
+wb_expect_after() {
+    local after=$1 ere=$2 timeout_s=$3 deadline hit reader_done=0
+    deadline=$(($(us_of "$EPOCHREALTIME") + timeout_s * 1000000))
+    while :; do
+        proc_alive "$WB_READER" || reader_done=1
+        hit=$(awk -v t="$after" -v re="$ere" '
+            $1 + 0 > t + 0 { line = $0; sub(/^[0-9]+ /, "", line); if (line ~ re) { print; exit } }
+        ' "$WB_DIR/log")
+        if [ -n "$hit" ]; then
+            WB_LINE_US=${hit%% *}
+            WB_LINE=${hit#* }
+            sample_rss
+            return 0
+        fi
+        if [ "$reader_done" = 1 ]; then
+            wb_reap
+            fail "waterbear exited with status $WB_STATUS before printing /$ere/"
+        fi
+        [ "$(us_of "$EPOCHREALTIME")" -lt "$deadline" ] ||
+            fail "no output line matching /$ere/ within $timeout_s s"
+        usleep 200000
+    done
+}
+
+# wb_join_logs OUT DIR...: the logs of successive waterbear processes that ran one
+# guest (oldest first), as one log in OUT. A line cut short when a process exited
+# (DIR/partial-tail) is joined with the first line of the next process's log, and
+# takes that line's time.
+wb_join_logs() {
+    local out=$1 dir carry="" first line
+    shift
+    : >"$out"
+    for dir in "$@"; do
+        first=1
+        while IFS= read -r line; do
+            if [ "$first" = 1 ] && [ -n "$carry" ]; then
+                line="${line%% *} $carry${line#* }"
+                carry=""
+            fi
+            first=0
+            printf '%s\n' "$line" >>"$out"
+        done <"$dir/log"
+        if [ -f "$dir/partial-tail" ]; then
+            # Take the cut line back out of OUT; it goes in front of the next line.
+            carry=$(tail -n 1 "$out")
+            carry=${carry#* }
+            sed -i '$d' "$out"
+            note "$dir ended in the middle of a line: '$carry'"
+        fi
+    done
+    [ -z "$carry" ] || echo "0 $carry" >>"$out"
+}
+
+# ticks_of LOG: the well-formed WB-TICK lines of a log as "us n boot_id uptime".
+ticks_of() {
+    sed -n -E 's/^([0-9]+) WB-TICK n=([0-9]+) boot_id=([0-9a-f-]{36}|unknown) uptime=([0-9]+\.[0-9]+)$/\1 \2 \3 \4/p' "$1"
+}
+
+# check_ticks LOG [UPDATES]: the guest ticked on without a reset through LOG: every
+# WB-TICK line is well formed, all carry one boot_id (not `unknown`), n grows by
+# exactly 1 from line to line, uptime never goes back. Sets TICKS (count),
+# TICK_FIRST_N, TICK_LAST_N, TICK_BOOT_ID, TICK_MAX_GAP_MS and TICK_MAX_GAP_AT (the
+# largest time between two ticks arriving, and the n of the later one), and
+# TICK_MAX_UPTIME_GAP_MS (the same by the guest's own uptime).
+#
+# UPDATES, if given, holds one "t0_us t1_us" line per event that paused the guest
+# (a live update, from ctl's start to its end). A gap between two ticks may then be
+# at most TICK_PERIOD_MS + GAP_SLACK_MS + the time of the events that overlap it.
+GAP_SLACK_MS=2000
+check_ticks() {
+    local log=$1 updates=${2:-/dev/null} result
+    [ -f "$updates" ] || updates=/dev/null
+    result=$(
+        {
+            [ "$updates" = /dev/null ] || sed 's/^/U /' "$updates"
+            ticks_of "$log" | sed 's/^/T /'
+            grep -E '^[0-9]+ WB-TICK' "$log" | grep -v -E \
+                '^[0-9]+ WB-TICK n=[0-9]+ boot_id=([0-9a-f-]{36}|unknown) uptime=[0-9]+\.[0-9]+$' |
+                sed 's/^/M /' || true
+        } | awk -v period="$TICK_PERIOD_MS" -v slack="$GAP_SLACK_MS" '
+            function err(msg) { if (!bad) print "ERR " msg; bad = 1 }
+            $1 == "U" { nu++; u0[nu] = $2 + 0; u1[nu] = $3 + 0; next }
+            $1 == "M" { sub(/^M [0-9]+ /, ""); err("malformed tick line: " $0); next }
+            $1 == "T" {
+                ts = $2 + 0; n = $3 + 0; id = $4; up = $5 + 0
+                if (count == 0) { first = n; boot = id }
+                else {
+                    if (id != boot) err("boot_id changed from " boot " to " id " at n=" n)
+                    if (n != last + 1) err("tick n=" last " was followed by n=" n)
+                    if (up < lastup) err("uptime went back from " lastup " to " up " at n=" n)
+                    gap = (ts - lastts) / 1000
+                    allowed = period + slack
+                    for (i = 1; i <= nu; i++)
+                        if (u0[i] < ts && u1[i] > lastts) allowed += (u1[i] - u0[i]) / 1000
+                    if (gap > allowed)
+                        err(sprintf("%.0f ms between ticks n=%d and n=%d, more than the %.0f ms the tick period, slack and pauses explain", gap, last, n, allowed))
+                    if (gap > maxgap) { maxgap = gap; maxat = n }
+                    ug = (up - lastup) * 1000
+                    if (ug > maxug) maxug = ug
+                }
+                if (id == "unknown") err("the guest could not read its boot_id")
+                count++; last = n; lastup = up; lastts = ts
+            }
+            END {
+                if (count == 0) err("no WB-TICK lines")
+                if (!bad) printf "OK %d %d %d %s %.0f %d %.0f\n", count, first, last, boot, maxgap, maxat, maxug
+            }'
+    )
+    case $result in
+    OK*) ;;
+    *) fail "ticks: ${result#ERR }" ;;
+    esac
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- $result
+    # shellcheck disable=SC2034 # read by the scenarios
+    TICKS=$2 TICK_FIRST_N=$3 TICK_LAST_N=$4 TICK_BOOT_ID=$5 \
+        TICK_MAX_GAP_MS=$6 TICK_MAX_GAP_AT=$7 TICK_MAX_UPTIME_GAP_MS=$8
+}
+
+# check_guest_memory LOG: the guest booted once (one WB-INIT), started its workload
+# once, and every WB-CSUM in LOG is `ok` with the checksum the workload filled in.
+# Sets CSUM_OKS (how many).
+check_guest_memory() {
+    local log=$1 expected value
+    value=$(grep -c -E '^[0-9]+ WB-INIT ' "$log" || true)
+    [ "$value" = 1 ] || fail "guest printed WB-INIT $value times: it booted again"
+    value=$(grep -c -E '^[0-9]+ WB-WORKLOAD ' "$log" || true)
+    [ "$value" = 1 ] || fail "guest started its workload $value times"
+    expected=$(sed -n -E 's/^[0-9]+ WB-WORKLOAD .*csum=([0-9a-f]{16}).*/\1/p' "$log")
+    [ -n "$expected" ] || fail "no csum= in the WB-WORKLOAD line"
+    value=$(grep -E '^[0-9]+ WB-CSUM' "$log" | grep -v -E "^[0-9]+ WB-CSUM ok $expected\$" | head -n 1 || true)
+    [ -z "$value" ] || fail "guest memory check failed: '${value#* }' (expected WB-CSUM ok $expected)"
+    # shellcheck disable=SC2034 # read by the scenarios
+    CSUM_OKS=$(grep -c -E "^[0-9]+ WB-CSUM ok $expected\$" "$log" || true)
+}
+
+# median_max: reads numbers, one per line; prints "median max".
+median_max() {
+    sort -n | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "0 0"; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf "%.3f %.3f\n", m, v[NR] }'
+}
+
+# ms_between US1 US2: milliseconds from US1 to US2 (microseconds), one decimal.
+ms_between() {
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1000 }'
+}

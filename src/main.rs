@@ -734,7 +734,7 @@ fn host(args: HostArgs) -> u8 {
             }
             serde_json::json!(vms)
         }),
-        HostAction::Diagnose { out } => diagnose::diagnose(&root, &out).map(|f| {
+        HostAction::Diagnose { out } => diagnose::diagnose(&root, &out, Vec::new()).map(|f| {
             eprintln!("bundle written to {} ({} findings)", out.display(), f.len());
             serde_json::json!({"bundle": out, "findings": f})
         }),

@@ -90,7 +90,8 @@ fn kvm_stats() -> Value {
 }
 
 /// Writes the bundle into `out` and returns the findings.
-pub fn diagnose(root: &Path, out: &Path) -> Result<Vec<Finding>, HostError> {
+/// `known` are findings the caller already has (a failed phase 1 step), listed first.
+pub fn diagnose(root: &Path, out: &Path, known: Vec<Finding>) -> Result<Vec<Finding>, HostError> {
     let mkdir = |p: &Path| {
         std::fs::create_dir_all(p).map_err(|source| HostError::Write {
             path: p.into(),
@@ -98,7 +99,7 @@ pub fn diagnose(root: &Path, out: &Path) -> Result<Vec<Finding>, HostError> {
         })
     };
     mkdir(out)?;
-    let mut findings = Vec::new();
+    let mut findings = known;
     let vms = inventory::scan(root)?;
     let vm_dir = out.join("vms");
     let mut vm_summaries = Vec::new();

@@ -121,7 +121,7 @@ pub fn recover(root: &Path, opts: &RecoverOptions) -> Result<Vec<Step>, HostErro
         .into_iter()
         .filter(|v| v.state == VmState::Running)
         .collect();
-    let mut healthy = true;
+    let mut failures = Vec::new();
     for (i, vm) in vms.iter().enumerate() {
         let inject = opts.inject == Some(InjectedFailure::Phase1) && i == 0;
         let api = vm.api_socket.clone().unwrap_or_default();
@@ -130,9 +130,15 @@ pub fn recover(root: &Path, opts: &RecoverOptions) -> Result<Vec<Step>, HostErro
             &format!("live update and health check of {}", vm.id),
             || update_and_check(&api, inject),
         );
-        healthy &= r.is_ok();
+        if let Err(detail) = r {
+            failures.push(diagnose::Finding {
+                severity: "critical",
+                what: format!("phase 1: VM {} is not healthy after its live update", vm.id),
+                detail,
+            });
+        }
     }
-    if healthy {
+    if failures.is_empty() {
         return Ok(tl.steps);
     }
     let bundle = opts.bundle.clone();
@@ -140,7 +146,8 @@ pub fn recover(root: &Path, opts: &RecoverOptions) -> Result<Vec<Step>, HostErro
         2,
         &format!("diagnostics bundle in {}", bundle.display()),
         || {
-            let findings = diagnose::diagnose(root, &bundle).map_err(|e| e.to_string())?;
+            let findings =
+                diagnose::diagnose(root, &bundle, failures).map_err(|e| e.to_string())?;
             Ok(findings.len())
         },
     );

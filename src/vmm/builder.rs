@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VmFd};
 
+use super::boot::acpi::setup_acpi;
 use super::boot::builtin::{test_guest_file, TEST_GUEST_NAME};
 use super::boot::kernel::{check_cmdline, write_cmdline, EntryPoint, Initrd, KernelImage};
 use super::boot::mptable::{setup_mptable, MAX_CPUS};
@@ -158,17 +159,20 @@ fn load_guest(
         _ => None,
     };
     write_cmdline(mem, CMDLINE_START, &config.cmdline)?;
+    // Both: kernels without MP table support (Debian's cloud kernel) need the ACPI
+    // MADT to find their CPUs; kernels without ACPI use the MP table.
+    setup_mptable(mem, config.cpus).map_err(VmmError::Mptable)?;
+    let rsdp = setup_acpi(mem, config.cpus).map_err(VmmError::Acpi)?;
     let data = BootData {
         cmdline_addr: CMDLINE_START,
         cmdline_len: config.cmdline.len(),
         initrd,
-        rsdp: None,
+        rsdp: Some(rsdp),
     };
     match kernel.entry {
         EntryPoint::Pvh(_) => write_pvh_info(mem, &data, ram.size())?,
         EntryPoint::Linux64(_) => write_boot_params(mem, kernel.header, &data, ram.size())?,
     }
-    setup_mptable(mem, config.cpus).map_err(VmmError::Mptable)?;
     log::debug!(
         "kernel entry {:?}, kernel ends at {:#x}",
         kernel.entry,

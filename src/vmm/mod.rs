@@ -56,6 +56,8 @@ pub enum VmmError {
     Serial(#[from] SerialError),
     #[error("cannot write the MP table")]
     Mptable(#[source] MptableError),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] boot::acpi::AcpiError),
     #[error("{requested} vCPUs requested; waterbear supports at most {max}")]
     TooManyCpus { requested: u8, max: u8 },
     #[error("cannot get KVM's supported CPUID")]

@@ -8,7 +8,7 @@
 //! running only after every part is in place.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ use super::memory::GuestRam;
 use super::saved::{self, VmSnapshot};
 use super::state::{check_host_compat, restore_vm, xsave_size};
 use super::state_dir::StateDir;
-use super::update::{self, Handoff, FAIL_RESTORE_ENV};
+use super::update::{Handoff, FAIL_RESTORE_ENV};
 use super::vcpu::Vcpu;
 use super::{vm, VmmError};
 use crate::api::ApiSocket;
@@ -132,6 +132,9 @@ pub fn build_restored(
         .as_deref()
         .is_some_and(|d| same_dir(d, &snap.config.state_dir));
     let mut state_dir = StateDir::acquire_with(&snap.config.state_dir, restoring_here)?;
+    // A socket inherited from a live update stays in place on failure: the fallback
+    // keeps serving it.
+    let bound_here = matches!(api, ApiSource::Bind);
     let api = match api {
         ApiSource::Bind => snap
             .config
@@ -151,7 +154,9 @@ pub fn build_restored(
     let ram = match map(&backend, snap.memory.size) {
         Ok(ram) => ram,
         Err(e) => {
-            remove_socket(api.as_ref());
+            if bound_here {
+                remove_socket(api.as_ref());
+            }
             state_dir.remove();
             return Err(e.into());
         }
@@ -176,7 +181,9 @@ pub fn build_restored(
     let (vm, devices, vcpus) = match parts {
         Ok(p) => p,
         Err(e) => {
-            remove_socket(api.as_ref());
+            if bound_here {
+                remove_socket(api.as_ref());
+            }
             state_dir.remove();
             return Err(e);
         }
@@ -187,25 +194,23 @@ pub fn build_restored(
 
 /// Builds the VM handed over by a live update, in the re-executed process.
 pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
+    // Work on duplicates: if the restore fails, the handed-over descriptors must still
+    // be open (and inheritable) for the fallback to execute the previous binary with.
+    let memory = File::from(dup_cloexec(handoff.memory_fd)?);
+    let api = match (handoff.api_listener_fd, &handoff.snapshot.config.api_socket) {
+        (Some(fd), Some(path)) => {
+            ApiSource::Inherited(ApiSocket::from_listener_fd(dup_cloexec(fd)?, path)?)
+        }
+        _ => ApiSource::Bind,
+    };
+    // The injected failure comes after the descriptors were taken over, like a real
+    // restore failure would.
     if std::env::var_os(FAIL_RESTORE_ENV).is_some() && handoff.failure.is_none() {
         return Err(VmmError::Setup {
             what: "the restore (failure injected by the test environment variable)",
             source: std::io::Error::other(FAIL_RESTORE_ENV),
         });
     }
-    // SAFETY: the descriptors were handed to this process by the previous VMM, which
-    // gave up using them when it executed; nothing else in this process owns them.
-    let memory = unsafe { File::from_raw_fd(handoff.memory_fd) };
-    let api = match (handoff.api_listener_fd, &handoff.snapshot.config.api_socket) {
-        (Some(fd), Some(path)) => {
-            // SAFETY: as above.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            ApiSource::Inherited(ApiSocket::from_listener_fd(fd, path)?)
-        }
-        _ => ApiSource::Bind,
-    };
-    let _ = update::set_cloexec(memory.as_raw_fd(), true);
-    let _ = update::set_cloexec(handoff.fallback_exe_fd, true);
     let opts = RestoreOptions::default();
     let mut vmm = build_restored(
         handoff.snapshot.clone(),
@@ -214,8 +219,35 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
         api,
         |backend, size| GuestRam::from_file(memory, backend, size),
     )?;
+    // Restored: the originals are no longer needed.
+    for fd in [
+        Some(handoff.memory_fd),
+        handoff.api_listener_fd,
+        Some(handoff.fallback_exe_fd),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: these descriptor numbers were handed over to this process and nothing
+        // in it owns them (only duplicates are in use).
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
     vmm.continue_update(handoff);
     Ok(vmm)
+}
+
+/// A close-on-exec duplicate of a handed-over descriptor.
+fn dup_cloexec(fd: std::os::fd::RawFd) -> Result<OwnedFd, VmmError> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; the result is checked.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(VmmError::Setup {
+            what: "taking over a handed-over descriptor",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 fn ms(t: Instant) -> f64 {

@@ -234,6 +234,7 @@ pub fn check_host_compat(
             .copied()
     };
     let mut missing = Vec::new();
+    let count = u8::try_from(vcpus.len()).unwrap_or(u8::MAX);
     for v in vcpus {
         if v.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
             return Err(StateError::CpuidTooLong {
@@ -241,11 +242,16 @@ pub fn check_host_compat(
                 count: v.cpuid.len(),
             });
         }
+        // Compare with what this host would give the same vCPU of the same VM: bits the
+        // VMM sets itself (HTT, hypervisor) are part of that, not host features.
+        let baseline = crate::vmm::cpuid::vcpu_cpuid(supported, v.index, count)
+            .map(|c| c.as_slice().to_vec())
+            .unwrap_or_else(|_| supported.as_slice().to_vec());
         for (leaf, sub) in FEATURE_LEAVES {
             let Some(saved) = find(&v.cpuid, leaf, sub) else {
                 continue;
             };
-            let host = find(supported.as_slice(), leaf, sub).unwrap_or_default();
+            let host = find(&baseline, leaf, sub).unwrap_or_default();
             // Leaf 1 ECX bit 27 (OSXSAVE) mirrors the guest's CR4, not a host feature.
             let ecx_mask = if leaf == 1 { !(1u32 << 27) } else { !0 };
             // Leaf 7's EBX holds features too; leaf 1's EBX holds per-vCPU APIC fields.

@@ -359,7 +359,7 @@ pub fn builtin_run_args(dir: &Path, extra: &[&str]) -> Vec<String> {
         "--cmdline".into(),
         "tick_ms=50".into(),
     ];
-    if !extra.iter().any(|a| *a == "--memory") {
+    if !extra.contains(&"--memory") {
         args.extend(["--memory".into(), "32M".into()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));

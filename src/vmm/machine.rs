@@ -407,14 +407,7 @@ impl Machine {
             Ok(fd) => fd,
             Err(e) => return e,
         };
-        for fd in [
-            Some(handoff.memory_fd),
-            handoff.api_listener_fd,
-            Some(handoff.fallback_exe_fd),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for fd in handoff.descriptors() {
             if let Err(source) = update::set_cloexec(fd, false) {
                 return UpdateError::Prepare {
                     what: "handing over a descriptor",

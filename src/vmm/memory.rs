@@ -60,6 +60,40 @@ pub enum MemoryError {
     RegionOverflow(u64),
 }
 
+impl MemoryError {
+    fn file_size(path: &Path, actual: u64, expected: u64) -> Self {
+        MemoryError::FileSize {
+            path: path.into(),
+            actual,
+            expected,
+            actual_mib: actual >> 20,
+        }
+    }
+}
+
+/// Opens a memory file read-write and takes its `flock`; `create` makes a missing one.
+fn open_locked(path: &Path, create: bool) -> Result<(File, std::fs::Metadata), MemoryError> {
+    let open_err = |source| MemoryError::OpenFile {
+        path: path.into(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    if !meta.file_type().is_file() {
+        return Err(MemoryError::NotRegular { path: path.into() });
+    }
+    if !try_lock_exclusive(&file) {
+        return Err(MemoryError::InUse { path: path.into() });
+    }
+    Ok((file, meta))
+}
+
 /// Guest RAM: the backing file and its shared mapping.
 pub struct GuestRam {
     mem: GuestMemoryMmap,
@@ -109,29 +143,9 @@ impl GuestRam {
         let MemoryBackend::File { path } = backend else {
             return GuestRam::create(backend, size);
         };
-        let open_err = |source| MemoryError::OpenFile {
-            path: path.clone(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        if !meta.file_type().is_file() {
-            return Err(MemoryError::NotRegular { path: path.clone() });
-        }
-        if !try_lock_exclusive(&file) {
-            return Err(MemoryError::InUse { path: path.clone() });
-        }
+        let (file, meta) = open_locked(path, false)?;
         if meta.len() != size {
-            return Err(MemoryError::FileSize {
-                path: path.clone(),
-                actual: meta.len(),
-                expected: size,
-                actual_mib: meta.len() >> 20,
-            });
+            return Err(MemoryError::file_size(path, meta.len(), size));
         }
         let file = Arc::new(file);
         let mem = map_shared(&file, size)?;
@@ -154,12 +168,7 @@ impl GuestRam {
         let mut file = File::open(path).map_err(open_err)?;
         let actual = file.metadata().map_err(open_err)?.len();
         if actual != size {
-            return Err(MemoryError::FileSize {
-                path: path.into(),
-                actual,
-                expected: size,
-                actual_mib: actual >> 20,
-            });
+            return Err(MemoryError::file_size(path, actual, size));
         }
         let ram = GuestRam::create(backend, size)?;
         for region in ram.memory().iter() {
@@ -176,12 +185,11 @@ impl GuestRam {
     pub fn from_file(file: File, backend: &MemoryBackend, size: u64) -> Result<Self, MemoryError> {
         let actual = file.metadata().map(|m| m.len()).unwrap_or(0);
         if actual != size {
-            return Err(MemoryError::FileSize {
-                path: PathBuf::from("<handed-over memory>"),
+            return Err(MemoryError::file_size(
+                Path::new("<handed-over memory>"),
                 actual,
-                expected: size,
-                actual_mib: actual >> 20,
-            });
+                size,
+            ));
         }
         let file = Arc::new(file);
         let mem = map_shared(&file, size)?;
@@ -263,32 +271,10 @@ fn open_memory_file(path: &Path, size: u64) -> Result<File, MemoryError> {
             marker,
         });
     }
-    let open_err = |source| MemoryError::OpenFile {
-        path: path.into(),
-        source,
-    };
     let existed = path.exists();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(open_err)?;
-    let meta = file.metadata().map_err(open_err)?;
-    if !meta.file_type().is_file() {
-        return Err(MemoryError::NotRegular { path: path.into() });
-    }
-    if !try_lock_exclusive(&file) {
-        return Err(MemoryError::InUse { path: path.into() });
-    }
+    let (file, meta) = open_locked(path, true)?;
     if existed && meta.len() != 0 && meta.len() != size {
-        return Err(MemoryError::FileSize {
-            path: path.into(),
-            actual: meta.len(),
-            expected: size,
-            actual_mib: meta.len() >> 20,
-        });
+        return Err(MemoryError::file_size(path, meta.len(), size));
     }
     if meta.len() != size {
         if let Err(source) = file.set_len(size) {

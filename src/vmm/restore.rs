@@ -220,14 +220,7 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
         |backend, size| GuestRam::from_file(memory, backend, size),
     )?;
     // Restored: the originals are no longer needed.
-    for fd in [
-        Some(handoff.memory_fd),
-        handoff.api_listener_fd,
-        Some(handoff.fallback_exe_fd),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for fd in handoff.descriptors() {
         // SAFETY: these descriptor numbers were handed over to this process and nothing
         // in it owns them (only duplicates are in use).
         drop(unsafe { OwnedFd::from_raw_fd(fd) });

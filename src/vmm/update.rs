@@ -73,6 +73,19 @@ pub struct Handoff {
     pub log_file: Option<PathBuf>,
 }
 
+impl Handoff {
+    /// Every descriptor the hand-over passes by number.
+    pub fn descriptors(&self) -> impl Iterator<Item = RawFd> {
+        [
+            Some(self.memory_fd),
+            self.api_listener_fd,
+            Some(self.fallback_exe_fd),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 /// The outcome of the last live update, for `GET /vm`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpdateReport {

@@ -51,6 +51,10 @@ pub struct UpdateSample {
     pub updates: usize,
     pub blackout_ms_median: f64,
     pub blackout_ms_max: f64,
+    /// The guest-observed blackout: the extra delay between two tick lines across each
+    /// update, as seen on the console (median, max).
+    pub console_gap_ms_median: f64,
+    pub console_gap_ms_max: f64,
 }
 
 /// A VMM process started by the benchmark; killed if still running when dropped.
@@ -94,11 +98,49 @@ fn wait_api(api: &Path, timeout: Duration) -> Result<Value, BenchError> {
     }
 }
 
+/// The guest's tick period in the benchmark.
+const TICK_MS: f64 = 20.0;
+
+/// When each `tick N` line of a guest's console arrived, read from its stdout.
+type TickTimes = std::sync::Arc<std::sync::Mutex<Vec<Instant>>>;
+
+fn record_ticks(out: std::process::ChildStdout) -> TickTimes {
+    use std::io::BufRead;
+    let times: TickTimes = Default::default();
+    let sink = times.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("tick ") {
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Instant::now());
+            }
+        }
+    });
+    times
+}
+
 fn start_vm(dir: &Path, name: &str, memory_mib: u64, memory_file: bool) -> Result<Vmm, BenchError> {
+    start_vm_with(dir, name, memory_mib, memory_file, "null").map(|(vm, _)| vm)
+}
+
+/// Starts a VM; with `serial` "stdio" its tick lines are timed as they arrive.
+fn start_vm_with(
+    dir: &Path,
+    name: &str,
+    memory_mib: u64,
+    memory_file: bool,
+    serial: &str,
+) -> Result<(Vmm, Option<TickTimes>), BenchError> {
     let state = dir.join(name);
     let api = dir.join(format!("{name}.sock"));
     let mut cmd = Command::new(exe()?);
-    cmd.args(["run", "--serial", "null", "--cmdline", "tick_ms=20"])
+    cmd.args(["run", "--serial", serial, "--cmdline", "tick_ms=20"])
+        .stdout(if serial == "stdio" {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .arg("--memory")
         .arg(format!("{memory_mib}M"))
         .arg("--state-dir")
@@ -110,12 +152,13 @@ fn start_vm(dir: &Path, name: &str, memory_mib: u64, memory_file: bool) -> Resul
         cmd.arg("--memory-file")
             .arg(dir.join(format!("{name}.mem")));
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| step(format!("cannot start a VM: {e}")))?;
+    let ticks = child.stdout.take().map(record_ticks);
     let vmm = Vmm { child, api };
     wait_api(&vmm.api, Duration::from_secs(30))?;
-    Ok(vmm)
+    Ok((vmm, ticks))
 }
 
 /// Starts a VM, lets it tick, snapshots it paused into `<dir>/<name>.snap` and stops it.
@@ -197,7 +240,9 @@ pub fn update_round(
     memory_mib: u64,
     updates: usize,
 ) -> Result<UpdateSample, BenchError> {
-    let vm = start_vm(dir, &format!("u{memory_mib}"), memory_mib, false)?;
+    let (vm, ticks) = start_vm_with(dir, &format!("u{memory_mib}"), memory_mib, false, "stdio")?;
+    let ticks = ticks.ok_or_else(|| step("no console to time"))?;
+    std::thread::sleep(Duration::from_millis(200));
     let client = ApiClient::new(&vm.api);
     let mut blackouts = Vec::new();
     for n in 1..=updates as u64 {
@@ -221,12 +266,25 @@ pub fn update_round(
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+    std::thread::sleep(Duration::from_millis(200));
+    // What the guest's console showed: the longest pauses between tick lines beyond one
+    // tick period, one per update.
+    let times = ticks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0 - TICK_MS)
+        .collect();
+    gaps.sort_by(|a, b| b.total_cmp(a));
+    gaps.truncate(updates);
     let (blackout_ms_median, blackout_ms_max) = median_max(blackouts);
+    let (console_gap_ms_median, console_gap_ms_max) = median_max(gaps);
     Ok(UpdateSample {
         memory_mib,
         updates,
         blackout_ms_median,
         blackout_ms_max,
+        console_gap_ms_median,
+        console_gap_ms_max,
     })
 }
 
@@ -250,12 +308,18 @@ pub fn markdown(restores: &[RestoreSample], updates: &[UpdateSample]) -> String 
     }
     if !updates.is_empty() {
         s.push_str(
-            "\n| guest RAM | live updates | guest blackout (median / max ms) |\n|---|---|---|\n",
+            "\n| guest RAM | live updates | blackout, pause to resume (median / max ms) | \
+             guest-observed gap between ticks (median / max ms) |\n|---|---|---|---|\n",
         );
         for u in updates {
             s.push_str(&format!(
-                "| {} MiB | {} | {:.1} / {:.1} |\n",
-                u.memory_mib, u.updates, u.blackout_ms_median, u.blackout_ms_max
+                "| {} MiB | {} | {:.1} / {:.1} | {:.1} / {:.1} |\n",
+                u.memory_mib,
+                u.updates,
+                u.blackout_ms_median,
+                u.blackout_ms_max,
+                u.console_gap_ms_median,
+                u.console_gap_ms_max
             ));
         }
     }

@@ -15,7 +15,7 @@
  *     ticks=N     stop after N ticks: print "done N sum X" and reset through the
  *                 i8042 controller, which makes waterbear exit 0 (0 = run forever)
  *     tick_ms=M   timer period in milliseconds (default 100)
- *     region_kib=K size of the checksummed region (default 16, at most 256)
+ *     region_kib=K size of the checksummed region (default 16, at most 64)
  * Keep the per-tick work tiny: on software KVM guest code runs slowly.
  */
 #include <stdint.h>
@@ -38,7 +38,7 @@
 #define COUNTS_PER_MS_X2 15625u
 
 #define CODE_SELECTOR 0x08
-#define MAX_REGION_WORDS (256 * 1024 / 8)
+#define MAX_REGION_WORDS (64 * 1024 / 8)
 
 struct idt_entry {
     uint16_t offset_lo, selector;

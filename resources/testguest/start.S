@@ -7,15 +7,19 @@ _start:
     cli
     lea     stack_top(%rip), %rsp
     mov     %rsi, %rdi              /* boot_params pointer is guest_main's argument */
-    /* Zero .bss: a reused memory file may hold anything. */
-    lea     __bss_start(%rip), %rcx
-    lea     __bss_end(%rip), %rdx
-1:  cmp     %rdx, %rcx
-    jae     2f
-    movb    $0, (%rcx)
-    inc     %rcx
-    jmp     1b
-2:  call    guest_main
+    /* Zero .bss (a reused memory file may hold anything) with one string
+     * instruction: a byte loop costs a million instructions here, seconds on a
+     * software KVM. The linker script keeps .bss 8-byte aligned and sized. */
+    mov     %rdi, %r8
+    lea     __bss_start(%rip), %rdi
+    lea     __bss_end(%rip), %rcx
+    sub     %rdi, %rcx
+    shr     $3, %rcx
+    xor     %eax, %eax
+    cld
+    rep stosq
+    mov     %r8, %rdi
+    call    guest_main
 3:  cli
     hlt
     jmp     3b

@@ -260,13 +260,30 @@ fn restore_rejects_a_snapshot_directory_whose_memory_marker_is_another_snapshots
     let root = shm_tempdir();
     let a = take_snapshot(root.path(), "a", false);
     let b = take_snapshot(root.path(), "b", false);
-    // Each directory keeps its own memory and marker but gets the other's state.
-    let tmp = root.path().join("swap");
-    std::fs::rename(a.state(), &tmp).unwrap();
-    std::fs::rename(b.state(), a.state()).unwrap();
-    std::fs::rename(&tmp, b.state()).unwrap();
+    // Each directory keeps its own memory and marker but gets the other's state and
+    // description (swapping only vm.state is caught earlier, by the description).
+    for name in ["vm.state", "vm.json"] {
+        let tmp = root.path().join("swap");
+        std::fs::rename(a.snap.join(name), &tmp).unwrap();
+        std::fs::rename(b.snap.join(name), a.snap.join(name)).unwrap();
+        std::fs::rename(&tmp, b.snap.join(name)).unwrap();
+    }
     expect_refused(root.path(), &a.snap, &[], &[s(&a.mem), "another snapshot"]);
     expect_refused(root.path(), &b.snap, &[], &[s(&b.mem), "another snapshot"]);
+}
+
+#[test]
+fn restore_rejects_a_damaged_or_swapped_description() {
+    require_kvm!();
+    let root = shm_tempdir();
+    let a = take_snapshot(root.path(), "a", false);
+    let desc = a.snap.join("vm.json");
+    let bytes = std::fs::read(&desc).unwrap();
+    std::fs::write(&desc, &bytes[..100.min(bytes.len())]).unwrap();
+    expect_refused(root.path(), &a.snap, &[], &[s(&desc), "damaged"]);
+    let b = take_snapshot(root.path(), "b", false);
+    std::fs::copy(b.snap.join("vm.json"), &desc).unwrap();
+    expect_refused(root.path(), &a.snap, &[], &[s(&desc), "another snapshot"]);
 }
 
 #[test]

@@ -46,6 +46,8 @@ pub enum SavedError {
     },
     #[error("memory file {path} no longer holds this snapshot's memory ({why}); the guest ran on after the snapshot or the snapshot is another VM's")]
     MemoryMoved { path: PathBuf, why: &'static str },
+    #[error("snapshot description {path} is damaged: {why}")]
+    Description { path: PathBuf, why: String },
     #[error("the snapshot in {dir} is inconsistent: {why}")]
     Inconsistent { dir: PathBuf, why: String },
 }
@@ -159,7 +161,30 @@ pub fn read_snapshot(dir: &Path) -> Result<VmSnapshot, SavedError> {
     let (_, payload) = snapshot::read_file(&path)?;
     let snap: VmSnapshot = snapshot::decode_payload(&path, &payload)?;
     snap.check(dir)?;
+    check_description(dir, &snap)?;
     Ok(snap)
+}
+
+/// `vm.json` must parse and describe the same snapshot as `vm.state`: a damaged or
+/// mismatched description means the directory was tampered with or mixed up.
+fn check_description(dir: &Path, snap: &VmSnapshot) -> Result<(), SavedError> {
+    let path = dir.join(DESCRIPTION_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| SavedError::Description {
+        path: path.clone(),
+        why: e.to_string(),
+    })?;
+    let desc: Description =
+        serde_json::from_slice(&bytes).map_err(|e| SavedError::Description {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+    if desc.id != snap.config.id || desc.memory != snap.memory {
+        return Err(SavedError::Description {
+            path,
+            why: "it describes another snapshot than vm.state".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that the memory file exists, has the snapshot's size and still holds the

@@ -44,15 +44,24 @@ enum Command {
     Ctl(CtlArgs),
     /// Operate the host: every VM under the state root (recovery workflow).
     Host(HostArgs),
-    /// Measure restore latency and live-update blackout with the built-in guest (needs
-    /// /dev/kvm); prints a table and writes JSON.
-    Bench(BenchArgs),
+    /// Benchmarks with the built-in guest (needs /dev/kvm); print tables, write JSON.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Internal: the re-executed VMM of a live update.
     #[command(name = "__resume-update", hide = true)]
     ResumeUpdate {
         #[arg(long)]
         handoff_fd: i32,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Per-VM restore latency (memory in place vs copied, for each size, and several
+    /// VMs restored together) and the live-update blackout.
+    Restore(BenchArgs),
+    /// Only the live-update blackout.
+    Update(BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -608,7 +617,7 @@ fn fall_back(mut handoff: update::Handoff, error: String) -> u8 {
     EXIT_ERROR
 }
 
-fn bench(args: BenchArgs) -> u8 {
+fn bench(args: BenchArgs, restores_too: bool) -> u8 {
     use waterbear::bench;
     let sizes: Vec<u64> = match args
         .sizes
@@ -631,7 +640,7 @@ fn bench(args: BenchArgs) -> u8 {
     };
     let result = (|| {
         let mut restores = Vec::new();
-        for &mib in &sizes {
+        for &mib in sizes.iter().filter(|_| restores_too) {
             for copy in [false, true] {
                 let r = bench::restore_round(&dir, mib, 1, copy)?;
                 eprintln!(
@@ -642,7 +651,7 @@ fn bench(args: BenchArgs) -> u8 {
             }
         }
         let small = sizes.first().copied().unwrap_or(128);
-        for &n in args.vms.iter().filter(|&&n| n > 1) {
+        for &n in args.vms.iter().filter(|&&n| n > 1 && restores_too) {
             let r = bench::restore_round(&dir, small, n, false)?;
             eprintln!(
                 "restore {n} x {small} MiB: {:.2} ms median",
@@ -824,7 +833,8 @@ fn main() -> ExitCode {
         Command::Snapshot(SnapshotCommand::Inspect { file }) => inspect(file),
         Command::Ctl(args) => ctl(args),
         Command::Host(args) => host(args),
-        Command::Bench(args) => bench(args),
+        Command::Bench(BenchCommand::Restore(args)) => bench(args, true),
+        Command::Bench(BenchCommand::Update(args)) => bench(args, false),
         Command::ResumeUpdate { handoff_fd } => resume_update(handoff_fd),
     };
     ExitCode::from(code)

@@ -1,29 +1,29 @@
 //! A VM while it exists: its memory, KVM objects, devices and vCPU threads, and the
-//! operations on it (pause, resume, snapshot, shutdown). One place orders the save of a
-//! whole VM (`Machine::save`); `restore.rs` orders the reverse.
+//! operations on it: pause, resume and shutdown here, saving in `snapshot`, the live
+//! update in `live_update`. `restore.rs` orders the reverse of the save.
 
-use std::path::{Path, PathBuf};
+mod live_update;
+mod snapshot;
+
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::config::{MemoryBackend, SerialMode, VmConfig};
+use super::config::{SerialMode, VmConfig};
 use super::control::MachineApi;
 use super::devices::Devices;
 use super::events::{EventLoop, LoopEnd};
 use super::memory::GuestRam;
-use super::saved::{self, SavedMemory, VmSnapshot};
-use super::state::save_vm;
+use super::saved::{self, SavedMemory};
 use super::state_dir::StateDir;
-use super::update::{self, Handoff, UpdateError, UpdateReport};
+use super::update::{self, Handoff, UpdateReport};
 use super::vcpu::{self, ExitSignal, GuestExit, Vcpu, VcpuHandle};
 use super::{RunOutcome, VmmError};
 use crate::api::{ApiServer, ApiSocket};
 use crate::devices::bus::lock;
-use std::os::fd::AsRawFd;
 
 /// A VM built and ready to run: the machine and its not yet started vCPUs.
 pub struct Vmm {
@@ -287,143 +287,6 @@ impl Machine {
         }
     }
 
-    fn note_update_blackout(&mut self) {
-        if let (Some(start), Some(report)) =
-            (self.update_started_ns.take(), self.last_update.as_mut())
-        {
-            report.blackout_ms = (update::monotonic_ns().saturating_sub(start)) as f64 / 1e6;
-            log::info!(
-                "VM {} live update {} ({}): guest blackout {:.3} ms",
-                self.config.id,
-                report.generation,
-                report.outcome,
-                report.blackout_ms
-            );
-        }
-    }
-
-    /// Checks the update binary and asks the event loop to carry the update out once
-    /// the API response is on its way.
-    pub fn request_update(&mut self, binary: Option<PathBuf>) -> Result<PathBuf, VmmError> {
-        let binary = match binary {
-            Some(b) => b,
-            None => std::fs::read_link("/proc/self/exe").map_err(|source| VmmError::Setup {
-                what: "finding the running binary",
-                source,
-            })?,
-        };
-        update::check_binary(&binary)?;
-        self.pending_update = Some(binary.clone());
-        self.exit.request(GuestExit::UpdateRequested);
-        Ok(binary)
-    }
-
-    /// Carries out a requested live update: pause, save, hand over, execute. Returns
-    /// only if the update could not start, after resuming the guest.
-    pub fn live_update(&mut self) -> UpdateError {
-        let Some(binary) = self.pending_update.take() else {
-            return UpdateError::Prepare {
-                what: "no update was requested",
-                source: std::io::Error::other("none"),
-            };
-        };
-        let was_paused = self.paused;
-        let err = self.try_exec(&binary);
-        // Still here: execve failed. Take the descriptors back and let the guest run.
-        for fd in [
-            Some(self.ram.file().as_raw_fd()),
-            self.api_listener_fd,
-            self.self_exe.as_ref().map(|f| f.as_raw_fd()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let _ = update::set_cloexec(fd, true);
-        }
-        if !was_paused {
-            if let Err(e) = self.resume() {
-                log::error!("cannot resume the VM after the failed update: {e}");
-            }
-        }
-        self.last_update = Some(UpdateReport {
-            generation: self.generation,
-            binary,
-            blackout_ms: 0.0,
-            outcome: "failed".into(),
-            error: Some(err.to_string()),
-        });
-        err
-    }
-
-    fn try_exec(&mut self, binary: &Path) -> UpdateError {
-        let pause_started_ns = update::monotonic_ns();
-        if let Err(e) = self.pause() {
-            return UpdateError::Prepare {
-                what: "pausing the vCPUs",
-                source: std::io::Error::other(e.to_string()),
-            };
-        }
-        let memory = SavedMemory {
-            path: PathBuf::new(),
-            size: self.ram.size(),
-            token: 0,
-            copied: false,
-        };
-        let snapshot = match self.save(memory) {
-            Ok(s) => s,
-            Err(e) => {
-                return UpdateError::Prepare {
-                    what: "saving the VM",
-                    source: std::io::Error::other(e.to_string()),
-                }
-            }
-        };
-        let Some(exe) = self.self_exe.as_ref() else {
-            return UpdateError::Prepare {
-                what: "the running binary",
-                source: std::io::Error::other("not open"),
-            };
-        };
-        let (log_level, log_file) = crate::logger::settings();
-        let handoff = Handoff {
-            snapshot,
-            backend: self.ram.backend().clone(),
-            memory_fd: self.ram.file().as_raw_fd(),
-            api_listener_fd: self.api_listener_fd,
-            fallback_exe_fd: exe.as_raw_fd(),
-            pause_started_ns,
-            generation: self.generation,
-            binary: binary.into(),
-            failure: None,
-            terminal: self.terminal.clone(),
-            log_level: log_level.to_string(),
-            log_file,
-        };
-        log::debug!(
-            "live update: paused and saved in {:.3} ms",
-            (update::monotonic_ns() - pause_started_ns) as f64 / 1e6
-        );
-        let handoff_fd = match update::write_handoff(&handoff) {
-            Ok(fd) => fd,
-            Err(e) => return e,
-        };
-        for fd in handoff.descriptors() {
-            if let Err(source) = update::set_cloexec(fd, false) {
-                return UpdateError::Prepare {
-                    what: "handing over a descriptor",
-                    source,
-                };
-            }
-        }
-        self.devices.serial_pump.drain(Duration::from_millis(200));
-        log::info!(
-            "VM {} live update: executing {}",
-            self.config.id,
-            binary.display()
-        );
-        update::exec_binary(binary, handoff_fd.as_raw_fd())
-    }
-
     /// Pauses every vCPU; returns how long it took. Pausing a paused VM does nothing.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
         let t = Instant::now();
@@ -469,114 +332,6 @@ impl Machine {
             .request(GuestExit::Requested("shutdown requested through the API"));
     }
 
-    /// Reads the whole VM's state; the VM must be paused. `memory` describes where its
-    /// RAM is.
-    pub fn save(&self, memory: SavedMemory) -> Result<VmSnapshot, VmmError> {
-        if !self.paused {
-            return Err(VmmError::NotPaused);
-        }
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for h in &self.vcpus {
-            vcpus.push(h.save()?);
-        }
-        Ok(VmSnapshot {
-            config: self.config.clone(),
-            memory,
-            vm: save_vm(&self.vm)?,
-            vcpus,
-            devices: self.devices.state(),
-            saved_unix_ms: saved::unix_ms(),
-        })
-    }
-
-    /// Pauses the VM, writes its state to `dir` (and its memory, when that lives in a
-    /// memfd), and resumes it unless `keep_paused`.
-    pub fn snapshot(&mut self, dir: &Path, keep_paused: bool) -> Result<SnapshotReport, VmmError> {
-        let t = Instant::now();
-        std::fs::create_dir_all(dir).map_err(|source| VmmError::SnapshotDir {
-            path: dir.into(),
-            source,
-        })?;
-        let dir = dir.canonicalize().map_err(|source| VmmError::SnapshotDir {
-            path: dir.into(),
-            source,
-        })?;
-        let was_paused = self.paused;
-        self.pause()?;
-
-        let result = self.write_snapshot(&dir);
-        let (memory, header_len) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                if !was_paused {
-                    self.resume()?;
-                }
-                return Err(e);
-            }
-        };
-        let blackout = t.elapsed();
-        let stay_paused = keep_paused || was_paused;
-        let mut report = SnapshotReport {
-            dir: dir.clone(),
-            blackout_ms: ms(blackout),
-            memory,
-            restorable: true,
-            paused: true,
-        };
-        self.last_snapshot = Some(report.clone());
-        if !stay_paused {
-            self.resume()?;
-            report.blackout_ms = ms(t.elapsed());
-            report.paused = false;
-            report.restorable = self.last_snapshot.as_ref().is_some_and(|r| r.restorable);
-            self.last_snapshot = Some(report.clone());
-        }
-        log::info!(
-            "VM {} snapshot to {} ({} bytes of state): guest paused {:.3} ms{}",
-            self.config.id,
-            dir.display(),
-            header_len,
-            report.blackout_ms,
-            if report.restorable {
-                ""
-            } else {
-                "; memory kept in place changed since, so the snapshot is not restorable"
-            }
-        );
-        Ok(report)
-    }
-
-    fn write_snapshot(&mut self, dir: &Path) -> Result<(SavedMemory, u64), VmmError> {
-        let token = saved::new_token();
-        let memory = match self.ram.backend() {
-            MemoryBackend::File { path } => {
-                let path = path.canonicalize().unwrap_or_else(|_| path.clone());
-                SavedMemory {
-                    path,
-                    size: self.ram.size(),
-                    token,
-                    copied: false,
-                }
-            }
-            MemoryBackend::Memfd | MemoryBackend::Hugepages => {
-                let path = dir.join(saved::MEMORY_FILE);
-                write_memory(&self.ram, &path)?;
-                SavedMemory {
-                    path: saved::MEMORY_FILE.into(),
-                    size: self.ram.size(),
-                    token,
-                    copied: true,
-                }
-            }
-        };
-        let snap = self.save(memory.clone())?;
-        let header = saved::write_snapshot(dir, &snap)?;
-        if !memory.copied {
-            self.snapshot_memory = Some(memory.path.clone());
-        }
-        Ok((memory, header.payload_len))
-    }
-
     /// A summary for `GET /vm`.
     pub fn info(&self) -> serde_json::Value {
         serde_json::json!({
@@ -599,34 +354,6 @@ impl Machine {
             "waterbear_version": env!("CARGO_PKG_VERSION"),
         })
     }
-}
-
-/// Writes guest RAM to `path` atomically (temporary name, fsync, rename).
-fn write_memory(ram: &GuestRam, path: &Path) -> Result<(), VmmError> {
-    let werr = |source| VmmError::MemoryWrite {
-        path: path.into(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        for region in ram.memory().iter() {
-            let len = region.len() as usize;
-            ram.memory()
-                .write_all_volatile_to(region.start_addr(), &mut file, len)
-                .map_err(std::io::Error::other)?;
-        }
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(werr)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -171,10 +171,9 @@ impl GuestRam {
             return Err(MemoryError::file_size(path, actual, size));
         }
         let ram = GuestRam::create(backend, size)?;
-        for region in ram.memory().iter() {
-            let len = region.len() as usize;
+        for (addr, len) in ram.chunks() {
             ram.memory()
-                .read_exact_volatile_from(region.start_addr(), &mut file, len)
+                .read_exact_volatile_from(addr, &mut file, len)
                 .map_err(|e| open_err(std::io::Error::other(e)))?;
         }
         Ok(ram)
@@ -210,6 +209,23 @@ impl GuestRam {
                 log::warn!("cannot remove memory file {}: {e}", path.display());
             }
         }
+    }
+
+    /// Guest RAM as consecutive pieces of at most 256 MiB, in file order: one read or
+    /// write system call moves at most 2 GiB, so copies go piece by piece.
+    pub fn chunks(&self) -> Vec<(GuestAddress, usize)> {
+        const CHUNK: u64 = 256 << 20;
+        let mut out = Vec::new();
+        for region in self.mem.iter() {
+            let (start, len) = (region.start_addr().0, region.len());
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                out.push((GuestAddress(start + off), n as usize));
+                off += n;
+            }
+        }
+        out
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -341,6 +357,19 @@ fn check_free_hugepages(size: u64) -> Result<(), MemoryError> {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn chunks_cover_ram_in_pieces_a_system_call_can_move() {
+        let ram = GuestRam::create(&MemoryBackend::Memfd, 4 << 30).unwrap();
+        let chunks = ram.chunks();
+        assert!(chunks.iter().all(|c| c.1 <= 256 << 20));
+        assert_eq!(chunks.iter().map(|c| c.1 as u64).sum::<u64>(), 4 << 30);
+        assert_eq!(
+            chunks.last().unwrap().0 .0 + (256 << 20),
+            5 << 30,
+            "RAM above 4 GiB last"
+        );
+    }
 
     #[test]
     fn memfd_ram_is_shared_and_sized() {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::Bytes;
 
 use super::{ms, Machine, SnapshotReport};
 use crate::vmm::config::MemoryBackend;
@@ -132,10 +132,9 @@ fn write_memory(ram: &GuestRam, path: &Path) -> Result<(), VmmError> {
     let tmp = path.with_extension("tmp");
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
-        for region in ram.memory().iter() {
-            let len = region.len() as usize;
+        for (addr, len) in ram.chunks() {
             ram.memory()
-                .write_all_volatile_to(region.start_addr(), &mut file, len)
+                .write_all_volatile_to(addr, &mut file, len)
                 .map_err(std::io::Error::other)?;
         }
         file.sync_all()?;

@@ -105,3 +105,18 @@ fn nested_restore_in_new_process_continues_linux_guest() {
 fn nested_twenty_live_updates_keep_linux_guest_running() {
     run_scenario("live-update");
 }
+
+#[test]
+fn nested_host_reset_restores_linux_guests_and_reports_corrupt_state() {
+    run_scenario("host-reset");
+}
+
+#[test]
+fn nested_five_host_resets_in_a_row_keep_linux_guests_running() {
+    run_scenario("host-reset-soak");
+}
+
+#[test]
+fn nested_recover_escalates_to_host_reset_and_guests_survive() {
+    run_scenario("recover");
+}

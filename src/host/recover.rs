@@ -151,10 +151,36 @@ pub fn recover(root: &Path, opts: &RecoverOptions) -> Result<Vec<Step>, HostErro
             Ok(findings.len())
         },
     );
+    // Phase 3 in steps, each on the timeline before the next starts: the kexec does
+    // not return, so the timeline must already say it began.
     let reset_opts = opts.reset.clone();
-    let saved = tl.record(3, "save every VM and reset the host", || {
-        reset::reset(root, &reset_opts).map_err(|e| e.to_string())
+    if !reset_opts.no_kexec {
+        let loaded = tl.record(3, "load the next kernel", || {
+            let kernel = reset_opts.kernel.as_deref().ok_or("phase 3 needs --kernel")?;
+            super::kexec::load(kernel, reset_opts.initrd.as_deref(), &reset_opts.append)
+                .map_err(|e| e.to_string())
+        });
+        if loaded.is_err() {
+            return Ok(tl.steps);
+        }
+    }
+    let saved = tl.record(3, "save every VM", || {
+        let saved = reset::save_all(root, reset_opts.force).map_err(|e| e.to_string())?;
+        match saved.iter().find(|s| s.error.is_some()) {
+            Some(bad) if !reset_opts.force => Err(format!(
+                "VM {}: {}",
+                bad.id,
+                bad.error.clone().unwrap_or_default()
+            )),
+            _ => Ok(()),
+        }
     });
+    if saved.is_ok() && !reset_opts.no_kexec {
+        let _ = tl.record(3, "kexec into the next kernel (the timeline ends here)", || Ok(()));
+        let err = super::kexec::reboot_into_loaded();
+        let _ = tl.record(3, "kexec into the next kernel", || Err::<(), _>(err.to_string()));
+        return Ok(tl.steps);
+    }
     if saved.is_ok() && opts.reset.no_kexec {
         let _ = tl.record(3, "restore every VM (no kexec: rehearsal)", || {
             let r = restore_all::restore_all(root, &opts.binary).map_err(|e| e.to_string())?;

@@ -39,7 +39,12 @@ pub fn restore_all(root: &Path, binary: &Path) -> Result<Vec<RestoredVm>, HostEr
         .collect();
     let mut started = Vec::new();
     for vm in &saved {
-        started.push((vm, spawn_restore(binary, &vm.dir), Instant::now()));
+        // A state that does not read is reported as it is, and the VM left alone.
+        let child = match saved::read_snapshot(&vm.dir) {
+            Ok(_) => spawn_restore(binary, &vm.dir),
+            Err(e) => Err(format!("not restored, its saved state is unusable: {e}")),
+        };
+        started.push((vm, child, Instant::now()));
     }
     let mut results = Vec::new();
     for (vm, child, t0) in started {

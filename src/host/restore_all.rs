@@ -42,7 +42,7 @@ pub fn restore_all(root: &Path, binary: &Path) -> Result<Vec<RestoredVm>, HostEr
         // A state that does not read is reported as it is, and the VM left alone.
         let child = match saved::read_snapshot(&vm.dir) {
             Ok(_) => spawn_restore(binary, &vm.dir),
-            Err(e) => Err(format!("not restored, its saved state is unusable: {e}")),
+            Err(e) => Err(format!("its saved state is unusable: {e}")),
         };
         started.push((vm, child, Instant::now()));
     }

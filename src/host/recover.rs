@@ -156,7 +156,10 @@ pub fn recover(root: &Path, opts: &RecoverOptions) -> Result<Vec<Step>, HostErro
     let reset_opts = opts.reset.clone();
     if !reset_opts.no_kexec {
         let loaded = tl.record(3, "load the next kernel", || {
-            let kernel = reset_opts.kernel.as_deref().ok_or("phase 3 needs --kernel")?;
+            let kernel = reset_opts
+                .kernel
+                .as_deref()
+                .ok_or("phase 3 needs --kernel")?;
             super::kexec::load(kernel, reset_opts.initrd.as_deref(), &reset_opts.append)
                 .map_err(|e| e.to_string())
         });
@@ -176,9 +179,15 @@ pub fn recover(root: &Path, opts: &RecoverOptions) -> Result<Vec<Step>, HostErro
         }
     });
     if saved.is_ok() && !reset_opts.no_kexec {
-        let _ = tl.record(3, "kexec into the next kernel (the timeline ends here)", || Ok(()));
+        let _ = tl.record(
+            3,
+            "kexec into the next kernel (the timeline ends here)",
+            || Ok(()),
+        );
         let err = super::kexec::reboot_into_loaded();
-        let _ = tl.record(3, "kexec into the next kernel", || Err::<(), _>(err.to_string()));
+        let _ = tl.record(3, "kexec into the next kernel", || {
+            Err::<(), _>(err.to_string())
+        });
         return Ok(tl.steps);
     }
     if saved.is_ok() && opts.reset.no_kexec {

@@ -721,3 +721,50 @@ fn a_paused_vm_does_not_tick_and_ticks_again_after_resume() {
     assert_eq!(banners(&all), 1, "{all}");
     assert_consecutive_ok_ticks(&all);
 }
+
+#[test]
+fn a_live_update_keeps_a_paused_vm_paused_and_works_after_a_snapshot_into_its_state_dir() {
+    require_kvm!();
+    let dir = common::shm_tempdir();
+    let mem = dir.path().join("guest.mem");
+    let mut vm =
+        common::start_builtin_vm(dir.path(), &["--memory-file", mem.to_str().unwrap()], &[]);
+    vm.wait_api(Duration::from_secs(30));
+    vm.wait_tick(2, Duration::from_secs(30));
+
+    // A snapshot kept in the VM's own state directory (as a host reset does) must not
+    // stop a later live update.
+    let state_dir = dir.path().join("state");
+    common::ctl_ok(
+        &vm.api,
+        &["snapshot", state_dir.to_str().unwrap(), "--keep-paused"],
+    );
+    let before = common::last_tick(&common::read_console(&vm.console));
+    let out = common::ctl(&vm.api, &["update"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{} {}",
+        common::text(&out.stdout),
+        common::text(&out.stderr)
+    );
+    let info = common::ctl_ok(&vm.api, &["info"]);
+    assert_eq!(
+        info["state"], "paused",
+        "a paused VM must stay paused across an update: {info}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        common::last_tick(&common::read_console(&vm.console)) <= before + 1,
+        "the guest ran while paused"
+    );
+    // The snapshot is still valid while the VM stays paused, and resuming consumes it.
+    assert!(mem.with_file_name("guest.mem.waterbear-saved").exists());
+    common::ctl_ok(&vm.api, &["resume"]);
+    assert!(
+        !mem.with_file_name("guest.mem.waterbear-saved").exists(),
+        "resume must drop the marker"
+    );
+    vm.wait_tick(before + 3, Duration::from_secs(30));
+    vm.shutdown();
+}

@@ -79,7 +79,8 @@ impl Timeline {
 }
 
 fn update_and_check(api: &Path, inject: bool) -> Result<(), String> {
-    let client = ApiClient::new(api);
+    // Bounded: an unanswering VMM is a failed health check, not a hung recovery.
+    let client = ApiClient::new(api).with_timeouts(Duration::from_secs(2), Duration::from_secs(30));
     let before = client.info().map_err(|e| e.to_string())?;
     let generation = before["generation"].as_u64().unwrap_or(0);
     client.update(None).map_err(|e| e.to_string())?;

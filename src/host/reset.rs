@@ -74,7 +74,11 @@ fn save_one(vm: &VmEntry) -> SavedVm {
     let t = Instant::now();
     let result = (|| {
         let api = vm.api_socket.as_ref().ok_or("the VM has no API socket")?;
-        let client = ApiClient::new(api);
+        // Bounded: a VMM that does not answer must not hold up every other VM's save.
+        let client = ApiClient::new(api).with_timeouts(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(120),
+        );
         let report = client.snapshot(&vm.dir, true).map_err(|e| e.to_string())?;
         client.shutdown().map_err(|e| e.to_string())?;
         wait_stopped(vm)?;

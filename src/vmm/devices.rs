@@ -24,7 +24,9 @@ pub struct Devices {
 }
 
 fn new_eventfd(what: &'static str) -> Result<EventFd, VmmError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Setup { what, source })
+    // Close-on-exec: a live update's new process makes its own.
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|source| VmmError::Setup { what, source })
 }
 
 fn dup(e: &EventFd, what: &'static str) -> Result<EventFd, VmmError> {

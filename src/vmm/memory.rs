@@ -280,12 +280,16 @@ fn create_memfd(size: u64, hugetlb: bool) -> Result<File, MemoryError> {
 }
 
 fn open_memory_file(path: &Path, size: u64) -> Result<File, MemoryError> {
-    let marker = saved_marker(path);
-    if marker.exists() {
-        return Err(MemoryError::HoldsSavedVm {
-            path: path.into(),
-            marker,
-        });
+    // Beside the path given and beside the file it resolves to: a symlink must not
+    // lead a fresh boot past a saved guest's marker.
+    let resolved = path.canonicalize().ok();
+    for marker in std::iter::once(saved_marker(path)).chain(resolved.as_deref().map(saved_marker)) {
+        if marker.exists() {
+            return Err(MemoryError::HoldsSavedVm {
+                path: path.into(),
+                marker,
+            });
+        }
     }
     let existed = path.exists();
     let (file, meta) = open_locked(path, true)?;

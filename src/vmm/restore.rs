@@ -211,7 +211,12 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
             source: std::io::Error::other(FAIL_RESTORE_ENV),
         });
     }
-    let opts = RestoreOptions::default();
+    // The state directory is the VM's own: a snapshot kept there does not stop it.
+    let opts = RestoreOptions {
+        start_paused: handoff.paused,
+        snapshot_dir: Some(handoff.snapshot.config.state_dir.clone()),
+        ..RestoreOptions::default()
+    };
     let mut vmm = build_restored(
         handoff.snapshot.clone(),
         handoff.backend.clone(),

@@ -36,6 +36,9 @@ pub enum StateDirError {
 pub struct StateDir {
     path: PathBuf,
     created_dir: bool,
+    /// Files this process wrote there, the only ones `remove` deletes.
+    created_lock: bool,
+    wrote_config: std::cell::Cell<bool>,
     removed: bool,
     _lock: File,
 }
@@ -71,6 +74,7 @@ impl StateDir {
             });
         }
         let lock_path = path.join(LOCK_FILE);
+        let created_lock = !lock_path.exists();
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -86,6 +90,8 @@ impl StateDir {
         Ok(StateDir {
             path: path.into(),
             created_dir,
+            created_lock,
+            wrote_config: std::cell::Cell::new(false),
             removed: false,
             _lock: lock,
         })
@@ -101,6 +107,7 @@ impl StateDir {
         let path = self.path.join(CONFIG_FILE);
         // A live update or a restore in place usually finds the same config: skip the
         // fsyncs, they sit in the guest's blackout.
+        self.wrote_config.set(true);
         if fs::read(&path).is_ok_and(|old| old == json) {
             return Ok(());
         }
@@ -113,8 +120,12 @@ impl StateDir {
         if std::mem::replace(&mut self.removed, true) {
             return;
         }
-        let _ = fs::remove_file(self.path.join(CONFIG_FILE));
-        let _ = fs::remove_file(self.path.join(LOCK_FILE));
+        if self.wrote_config.get() {
+            let _ = fs::remove_file(self.path.join(CONFIG_FILE));
+        }
+        if self.created_lock {
+            let _ = fs::remove_file(self.path.join(LOCK_FILE));
+        }
         if self.created_dir {
             let _ = fs::remove_dir(&self.path);
         }
@@ -162,14 +173,36 @@ mod tests {
     fn remove_deletes_what_it_created_only() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("vm1");
+        let config = VmConfig {
+            id: "vm1".into(),
+            kernel: crate::vmm::config::KernelSource::Builtin,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory_bytes: 16 << 20,
+            memory: crate::vmm::config::MemoryBackend::Memfd,
+            serial: crate::vmm::config::SerialMode::Null,
+            state_dir: dir.clone(),
+            api_socket: None,
+        };
         let mut sd = StateDir::acquire(&dir).unwrap();
-        write_atomic(&dir.join(CONFIG_FILE), b"{}").unwrap();
+        sd.write_config(&config).unwrap();
         sd.remove();
         assert!(!dir.exists());
 
+        // A directory the user made, with their own files of the same names: a VM that
+        // never got as far as writing its config leaves them all.
         fs::create_dir(&dir).unwrap();
-        fs::write(dir.join("user-file"), b"x").unwrap();
+        for name in ["user-file", CONFIG_FILE, LOCK_FILE] {
+            fs::write(dir.join(name), b"x").unwrap();
+        }
         StateDir::acquire(&dir).unwrap().remove();
-        assert!(dir.join("user-file").exists());
+        for name in ["user-file", CONFIG_FILE, LOCK_FILE] {
+            assert_eq!(
+                fs::read(dir.join(name)).unwrap(),
+                b"x",
+                "{name} was touched"
+            );
+        }
     }
 }

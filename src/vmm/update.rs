@@ -71,6 +71,10 @@ pub struct Handoff {
     pub terminal: Option<Vec<u8>>,
     pub log_level: String,
     pub log_file: Option<PathBuf>,
+    /// The VM was paused before the update and stays paused after it.
+    pub paused: bool,
+    /// A memory file whose snapshot marker is valid while the VM stays paused.
+    pub snapshot_memory: Option<PathBuf>,
 }
 
 impl Handoff {
@@ -118,17 +122,38 @@ pub fn check_binary(binary: &Path) -> Result<(), UpdateError> {
     if !binary.is_file() || unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
         return Err(not_exec());
     }
-    let out = std::process::Command::new(binary)
+    // Bounded: the check runs on the VMM's event loop, which must not wait on a binary
+    // that hangs.
+    let mut child = std::process::Command::new(binary)
         .arg("--version")
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
         .map_err(|_| not_exec())?;
-    let printed = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
-    if !out.status.success() || !printed.starts_with("waterbear ") {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(UpdateError::NotWaterbear {
+                    path: binary.into(),
+                    printed: "nothing within 5 s".into(),
+                });
+            }
+        }
+    };
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut out, &mut stdout);
+    }
+    let printed = stdout.lines().next().unwrap_or("").to_string();
+    if !status.success() || !printed.starts_with("waterbear ") {
         return Err(UpdateError::NotWaterbear {
             path: binary.into(),
             printed,

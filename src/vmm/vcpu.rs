@@ -106,7 +106,7 @@ pub struct ExitSignal {
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitSignal {
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             reason: Mutex::new(None),
         })
     }

@@ -254,10 +254,17 @@ pub struct Initrd {
 
 impl Initrd {
     pub fn read(path: &Path) -> Result<Self, BootError> {
-        let data = std::fs::read(path).map_err(|source| BootError::InitrdRead {
+        let read_err = |source| BootError::InitrdRead {
             path: path.into(),
             source,
-        })?;
+        };
+        // Only a regular file has a size to check before reading: /dev/zero or a pipe
+        // would be read without end.
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(read_err(std::io::Error::other("not a regular file")));
+        }
+        let data = std::fs::read(path).map_err(read_err)?;
         if data.is_empty() {
             return Err(BootError::InitrdEmpty { path: path.into() });
         }

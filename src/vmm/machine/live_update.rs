@@ -33,10 +33,18 @@ impl Machine {
     pub fn request_update(&mut self, binary: Option<PathBuf>) -> Result<PathBuf, VmmError> {
         let binary = match binary {
             Some(b) => b,
-            None => std::fs::read_link("/proc/self/exe").map_err(|source| VmmError::Setup {
-                what: "finding the running binary",
-                source,
-            })?,
+            // The path the running binary was started from; once a deployment replaced
+            // the file, the kernel reports it with a " (deleted)" suffix, and the new
+            // file at that path is the one to run.
+            None => std::fs::read_link("/proc/self/exe")
+                .map(|p| {
+                    let s = p.to_string_lossy();
+                    PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+                })
+                .map_err(|source| VmmError::Setup {
+                    what: "finding the running binary",
+                    source,
+                })?,
         };
         update::check_binary(&binary)?;
         self.pending_update = Some(binary.clone());
@@ -54,7 +62,7 @@ impl Machine {
             };
         };
         let was_paused = self.paused;
-        let err = self.try_exec(&binary);
+        let err = self.try_exec(&binary, was_paused);
         // Still here: execve failed. Take the descriptors back and let the guest run.
         for fd in [
             Some(self.ram.file().as_raw_fd()),
@@ -81,7 +89,7 @@ impl Machine {
         err
     }
 
-    fn try_exec(&mut self, binary: &Path) -> UpdateError {
+    fn try_exec(&mut self, binary: &Path, was_paused: bool) -> UpdateError {
         let pause_started_ns = update::monotonic_ns();
         if let Err(e) = self.pause() {
             return UpdateError::Prepare {
@@ -121,6 +129,8 @@ impl Machine {
             generation: self.generation,
             binary: binary.into(),
             failure: None,
+            paused: was_paused,
+            snapshot_memory: self.snapshot_memory.clone(),
             terminal: self.terminal.clone(),
             log_level: log_level.to_string(),
             log_file,

@@ -93,6 +93,7 @@ impl Vmm {
     /// from `handoff.pause_started_ns` and reported in `GET /vm`.
     pub fn continue_update(&mut self, handoff: &Handoff) {
         let m = &mut self.machine;
+        m.snapshot_memory = handoff.snapshot_memory.clone();
         m.generation = handoff.generation + 1;
         m.update_started_ns = Some(handoff.pause_started_ns);
         m.terminal = handoff.terminal.clone();

@@ -66,7 +66,9 @@ pub fn tree(dir: &Path) -> Vec<PathBuf> {
 
 /// The "tick N sum S ok" lines of the built-in guest, as (N, ok).
 pub fn ticks(console: &str) -> Vec<(u64, bool)> {
-    console
+    // Only whole lines: the console file may be read while a line is half written.
+    let complete = console.rfind('\n').map_or("", |end| &console[..=end]);
+    complete
         .lines()
         .filter_map(|l| {
             let mut w = l.split_whitespace();

@@ -62,12 +62,17 @@ fn run_scenario(scenario: &str) {
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", script.display()))
     };
     let mut output = run();
-    // A test host that froze without a verdict (QEMU killed by its timeout) is run once
-    // more, loudly: see docs/limitations.md. Any verdict, pass or fail, is final.
-    if !output.status.success() && String::from_utf8_lossy(&output.stderr).contains("no verdict") {
+    // A test host that froze without a verdict (QEMU killed by its timeout) is run up to
+    // twice more, loudly: see docs/limitations.md. Any verdict, pass or fail, is final.
+    for _ in 0..2 {
+        if output.status.success()
+            || !String::from_utf8_lossy(&output.stderr).contains("no verdict")
+        {
+            break;
+        }
         let line = format!(
             "RETRY: nested scenario {scenario}: the test host froze without a verdict; \
-             running it once more (docs/limitations.md)\n"
+             running it again (docs/limitations.md)\n"
         );
         let _ = std::io::stderr().write_all(line.as_bytes());
         output = run();

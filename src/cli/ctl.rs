@@ -45,12 +45,18 @@ pub(crate) enum CtlAction {
 
 pub(crate) fn ctl(args: CtlArgs) -> u8 {
     let client = ApiClient::new(&args.api_socket);
+    // Quick requests get a short answer deadline; a snapshot writing memory out and an
+    // update keep the client's long default.
+    let quick = client.clone().with_timeouts(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(30),
+    );
     let result = match args.action {
-        CtlAction::Info => client.info(),
-        CtlAction::Pause => client.pause(),
-        CtlAction::Resume => client.resume(),
+        CtlAction::Info => quick.info(),
+        CtlAction::Pause => quick.pause(),
+        CtlAction::Resume => quick.resume(),
         CtlAction::Snapshot { dir, keep_paused } => client.snapshot(&dir, keep_paused),
-        CtlAction::Shutdown => client.shutdown(),
+        CtlAction::Shutdown => quick.shutdown(),
         CtlAction::Update { binary } => return ctl_update(&client, binary.as_deref()),
     };
     match result {

@@ -180,18 +180,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("vm1");
         std::fs::create_dir(&dir).unwrap();
-        let config = VmConfig {
-            id: "vm1".into(),
-            kernel: crate::vmm::config::KernelSource::Builtin,
-            initrd: None,
-            cmdline: String::new(),
-            cpus: 1,
-            memory_bytes: 64 << 20,
-            memory: MemoryBackend::Memfd,
-            serial: crate::vmm::config::SerialMode::Null,
-            state_dir: dir.clone(),
-            api_socket: None,
-        };
+        let config = VmConfig::for_test("vm1", &dir);
         std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&config).unwrap()).unwrap();
         let vms = scan(root.path()).unwrap();
         assert_eq!(vms.len(), 1);

@@ -120,6 +120,25 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
+impl VmConfig {
+    /// A one-vCPU built-in-guest configuration with its state in `dir`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: &str, dir: &std::path::Path) -> Self {
+        VmConfig {
+            id: id.into(),
+            kernel: KernelSource::Builtin,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory_bytes: 16 << 20,
+            memory: MemoryBackend::Memfd,
+            serial: SerialMode::Null,
+            state_dir: dir.into(),
+            api_socket: None,
+        }
+    }
+}
+
 /// Parses a size such as `512M`, `1G`, `1536MiB` or `256` (bare numbers are MiB, as in
 /// Firecracker's `mem_size_mib`).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {

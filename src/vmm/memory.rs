@@ -147,15 +147,7 @@ impl GuestRam {
         if meta.len() != size {
             return Err(MemoryError::file_size(path, meta.len(), size));
         }
-        let file = Arc::new(file);
-        let mem = map_shared(&file, size)?;
-        Ok(GuestRam {
-            mem,
-            file,
-            size,
-            backend: backend.clone(),
-            created_file: false,
-        })
+        Self::map_file(file, backend, size)
     }
 
     /// A new memfd-backed RAM holding a copy of the memory file at `path`, which must
@@ -190,6 +182,11 @@ impl GuestRam {
                 size,
             ));
         }
+        Self::map_file(file, backend, size)
+    }
+
+    /// Maps an opened, checked file of `size` bytes that this process did not create.
+    fn map_file(file: File, backend: &MemoryBackend, size: u64) -> Result<Self, MemoryError> {
         let file = Arc::new(file);
         let mem = map_shared(&file, size)?;
         Ok(GuestRam {

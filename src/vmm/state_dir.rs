@@ -173,18 +173,7 @@ mod tests {
     fn remove_deletes_what_it_created_only() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("vm1");
-        let config = VmConfig {
-            id: "vm1".into(),
-            kernel: crate::vmm::config::KernelSource::Builtin,
-            initrd: None,
-            cmdline: String::new(),
-            cpus: 1,
-            memory_bytes: 16 << 20,
-            memory: crate::vmm::config::MemoryBackend::Memfd,
-            serial: crate::vmm::config::SerialMode::Null,
-            state_dir: dir.clone(),
-            api_socket: None,
-        };
+        let config = VmConfig::for_test("vm1", &dir);
         let mut sd = StateDir::acquire(&dir).unwrap();
         sd.write_config(&config).unwrap();
         sd.remove();

@@ -178,12 +178,13 @@ fn restore_rejects_a_state_file_of_another_format_version() {
     let root = shm_tempdir();
     let saved = take_snapshot(root.path(), "vm", true);
     let state = saved.state();
+    // Format 1 is what waterbear wrote before virtio devices were saved.
     let mut b = std::fs::read(&state).unwrap();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
     let crc = crc32fast::hash(&b[0..28]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&state, &b).unwrap();
-    expect_refused(root.path(), &saved.snap, &[], &[s(&state), "version 2"]);
+    expect_refused(root.path(), &saved.snap, &[], &[s(&state), "version 1"]);
 }
 
 #[test]
@@ -412,7 +413,7 @@ fn inspect_rejects_a_corrupt_state_file_naming_it() {
     let good = inspect(&state);
     assert!(good.status.success(), "{}", common::text(&good.stderr));
     let json: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
-    assert_eq!(json["header"]["version"], 1, "{json}");
+    assert_eq!(json["header"]["version"], 2, "{json}");
 
     flip_bit(&state, 32 + payload_len(&state) / 3, 5);
     let before = tree_with_bytes(root.path());

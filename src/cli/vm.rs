@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use log::LevelFilter;
+use waterbear::vmm::config::devices::{check_devices, parse_disk, parse_net};
 use waterbear::vmm::config::{
     self, check_id, parse_size, KernelSource, MemoryBackend, SerialMode, VmConfig,
 };
@@ -102,6 +103,24 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 
+    /// A virtio-blk disk: path=FILE[,readonly=on][,id=NAME]. Repeat for more disks; the
+    /// guest sees them as vda, vdb, ... in this order, each with its id (default diskN) as
+    /// its serial. With readonly=on the file is opened read-only and the guest cannot write.
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<String>,
+
+    /// A virtio-net interface on an existing tap: tap=NAME[,mac=MAC]. Repeat for more
+    /// interfaces (eth0, eth1, ... after the disks). The default MAC is derived from the
+    /// VM id, so it stays the same across restarts.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<String>,
+
+    /// How the guest finds the virtio devices: acpi (in the DSDT, for kernels with ACPI,
+    /// distribution kernels included) or cmdline (virtio_mmio.device= entries appended to
+    /// the kernel command line, for kernels without ACPI; the VM then has no ACPI tables).
+    #[arg(long, value_name = "HOW", default_value = "acpi")]
+    virtio_discovery: String,
+
     /// Name of the VM; names its state directory [default: vm-<pid>].
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
@@ -136,6 +155,14 @@ impl RunArgs {
         let state_dir = self
             .state_dir
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_ROOT).join(&id));
+        let disks = (self.disks.iter().enumerate())
+            .map(|(i, d)| parse_disk(d, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nets = (self.nets.iter().enumerate())
+            .map(|(i, n)| parse_net(n, &id, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let virtio_discovery = self.virtio_discovery.parse()?;
+        check_devices(&disks, &nets, virtio_discovery)?;
         Ok(VmConfig {
             id,
             kernel,
@@ -150,6 +177,9 @@ impl RunArgs {
                     .unwrap_or_else(|| state_dir.join("api.sock")),
             ),
             state_dir,
+            disks,
+            nets,
+            virtio_discovery,
         })
     }
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 pub const MAGIC: [u8; 8] = *b"WBSNAPv1";
 /// Bumped whenever the payload's encoding or meaning changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 32;
 /// No VM state comes close; anything larger is corrupt or not ours.
 pub const MAX_PAYLOAD_LEN: u64 = 64 << 20;
@@ -297,13 +297,14 @@ mod tests {
 
         let mut b = std::fs::read(&path).unwrap();
         b[0] = MAGIC[0];
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let other = FORMAT_VERSION + 1;
+        b[8..12].copy_from_slice(&other.to_le_bytes());
         let crc = crc32fast::hash(&b[0..28]);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&path, &b).unwrap();
         assert!(matches!(
             read(&path),
-            Err(SnapshotError::Version { found: 2, .. })
+            Err(SnapshotError::Version { found, .. }) if found == other
         ));
     }
 

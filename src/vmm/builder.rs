@@ -10,10 +10,10 @@ use super::boot::builtin::{test_guest_file, TEST_GUEST_NAME};
 use super::boot::kernel::{check_cmdline, write_cmdline, EntryPoint, Initrd, KernelImage};
 use super::boot::mptable::{setup_mptable, MAX_CPUS};
 use super::boot::params::{write_boot_params, write_pvh_info, BootData};
-use super::config::{check_memory, ConfigError, KernelSource, VmConfig};
+use super::config::{check_memory, ConfigError, KernelSource, VirtioDiscovery, VmConfig};
 use super::cpuid;
 use super::devices::Devices;
-use super::layout::{CMDLINE_START, HIMEM_START};
+use super::layout::{virtio_slot, CMDLINE_START, HIMEM_START, VIRTIO_MMIO_SIZE};
 use super::machine::{Machine, Vmm};
 use super::memory::{backend_page_size, GuestRam};
 use super::state_dir::StateDir;
@@ -46,7 +46,7 @@ fn check_inputs(config: &VmConfig) -> Result<CheckedKernel, VmmError> {
         }
     };
     image.check_size(config.memory_bytes)?;
-    check_cmdline(&config.cmdline, image.cmdline_limit())?;
+    check_cmdline(&guest_cmdline(config), image.cmdline_limit())?;
     let initrd = match &config.initrd {
         Some(path) => {
             let initrd = Initrd::read(path)?;
@@ -132,7 +132,7 @@ fn assemble(
 ) -> Result<(VmFd, Devices, Vec<Vcpu>), VmmError> {
     let vm = vm::create_vm(kvm, ram.memory())?;
     let entry = load_guest(config, checked, ram)?;
-    let devices = Devices::create(&vm, &config.serial, None)?;
+    let devices = Devices::create(&vm, ram.memory(), config, None)?;
     let vcpus = create_vcpus(kvm, &vm, ram, config.cpus, entry)?;
     state_dir.write_config(config)?;
     Ok((vm, devices, vcpus))
@@ -158,16 +158,24 @@ fn load_guest(
         }
         _ => None,
     };
-    write_cmdline(mem, CMDLINE_START, &config.cmdline)?;
+    let cmdline = guest_cmdline(config);
+    write_cmdline(mem, CMDLINE_START, &cmdline)?;
     // Both: kernels without MP table support (Debian's cloud kernel) need the ACPI
-    // MADT to find their CPUs; kernels without ACPI use the MP table.
+    // MADT to find their CPUs; kernels without ACPI use the MP table. With virtio
+    // devices on the command line there are no ACPI tables (see VirtioDiscovery).
     setup_mptable(mem, config.cpus).map_err(VmmError::Mptable)?;
-    let rsdp = setup_acpi(mem, config.cpus).map_err(VmmError::Acpi)?;
+    let rsdp = match config.virtio_discovery {
+        VirtioDiscovery::Acpi => {
+            let slots = virtio_slots(config);
+            Some(setup_acpi(mem, config.cpus, &slots).map_err(VmmError::Acpi)?)
+        }
+        VirtioDiscovery::Cmdline => None,
+    };
     let data = BootData {
         cmdline_addr: CMDLINE_START,
-        cmdline_len: config.cmdline.len(),
+        cmdline_len: cmdline.len(),
         initrd,
-        rsdp: Some(rsdp),
+        rsdp,
     };
     match kernel.entry {
         EntryPoint::Pvh(_) => write_pvh_info(mem, &data, ram.size())?,
@@ -179,6 +187,29 @@ fn load_guest(
         kernel.kernel_end
     );
     Ok(kernel.entry)
+}
+
+/// The MMIO base and GSI of each virtio device of `config`, in device order.
+fn virtio_slots(config: &VmConfig) -> Vec<(u64, u32)> {
+    (0..config.disks.len() + config.nets.len())
+        .map_while(virtio_slot)
+        .collect()
+}
+
+/// The command line the guest gets: the user's, plus a `virtio_mmio.device=` entry per
+/// device when the devices are found through the command line.
+fn guest_cmdline(config: &VmConfig) -> String {
+    let mut cmdline = config.cmdline.clone();
+    if config.virtio_discovery == VirtioDiscovery::Cmdline {
+        for (base, gsi) in virtio_slots(config) {
+            let entry = format!("virtio_mmio.device={}K@{base:#x}:{gsi}", VIRTIO_MMIO_SIZE >> 10);
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&entry);
+        }
+    }
+    cmdline
 }
 
 fn create_vcpus(

@@ -6,16 +6,20 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::SerialMode;
+use super::config::VmConfig;
 use super::saved::DevicesState;
+use super::virtio::VirtioDevices;
 use super::VmmError;
-use crate::devices::bus::{lock, PioBus};
+use crate::devices::bus::{lock, MmioBus, PioBus};
+use crate::devices::virtio::Memory;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{output_for, OutputPump, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 
 /// The devices of one VM and the events they signal the event loop with.
 pub struct Devices {
     pub pio: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
+    pub virtio: VirtioDevices,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub serial_input_ready: EventFd,
@@ -35,12 +39,15 @@ fn dup(e: &EventFd, what: &'static str) -> Result<EventFd, VmmError> {
 }
 
 impl Devices {
-    /// Creates the serial port and the i8042, fresh or from `saved`.
+    /// Creates the serial port, the i8042 and the virtio devices of `config`, fresh or
+    /// from `saved`.
     pub fn create(
         vm: &VmFd,
-        serial_mode: &SerialMode,
+        mem: &Memory,
+        config: &VmConfig,
         saved: Option<&DevicesState>,
     ) -> Result<Self, VmmError> {
+        let serial_mode = &config.serial;
         let serial_irq = new_eventfd("the serial interrupt")?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|source| VmmError::Irq {
@@ -73,8 +80,19 @@ impl Devices {
             .map_err(bus_err)?;
         pio.insert(I8042_BASE, I8042_LEN, i8042.clone())
             .map_err(bus_err)?;
+
+        let mut mmio = MmioBus::new();
+        let virtio = VirtioDevices::create(
+            vm,
+            mem,
+            config,
+            saved.map(|s| s.virtio.as_slice()),
+            &mut mmio,
+        )?;
         Ok(Devices {
             pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            virtio,
             serial,
             i8042,
             serial_input_ready: input_ready,
@@ -88,6 +106,7 @@ impl Devices {
         DevicesState {
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),
+            virtio: self.virtio.state(),
         }
     }
 }

@@ -46,6 +46,28 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 
+/// The virtio-mmio devices' register windows, one 4 KiB page each from here on, in the
+/// MMIO hole below the IOAPIC.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The GSIs (IOAPIC pins) of the virtio devices, in device order. Pins 0-4 belong to the
+/// PIT, keyboard, cascade, COM2 and COM1, 8 to the RTC, 12 and 13 to the PS/2 mouse and the
+/// FPU on a PC; the rest of the first IOAPIC's 24 pins are free.
+pub const VIRTIO_GSIS: [u32; 16] = [5, 6, 7, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+/// At most this many virtio devices: one per free GSI.
+pub const MAX_VIRTIO_DEVICES: usize = VIRTIO_GSIS.len();
+/// With command-line discovery the guest finds its interrupts in the MP table, which
+/// wires only the 16 ISA IRQs: the first 8 GSIs of the list.
+pub const CMDLINE_VIRTIO_DEVICES: usize = 8;
+const _: () = assert!(VIRTIO_GSIS[CMDLINE_VIRTIO_DEVICES - 1] < 16);
+
+/// Where virtio device `index` (disks first, then network interfaces) sits: its MMIO
+/// window's base address and its GSI.
+pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
+    let gsi = *VIRTIO_GSIS.get(index)?;
+    Some((VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE, gsi))
+}
+
 /// KVM's TSS (three pages) and identity map page, placed in the MMIO hole below the
 /// IOAPIC where they never collide with RAM.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
@@ -58,6 +80,11 @@ const _: () = assert!(PVH_MODLIST_START + 32 <= ZERO_PAGE_START);
 const _: () = assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
 const _: () = assert!(PDE_START + PDE_COUNT * 0x1000 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+// The virtio windows sit in the MMIO hole, clear of KVM's TSS and the IOAPIC above.
+const _: () = assert!(MMIO_GAP_START <= VIRTIO_MMIO_START);
+const _: () = assert!(
+    VIRTIO_MMIO_START + MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_SIZE <= KVM_IDENTITY_MAP_ADDRESS
+);
 
 /// Guest RAM ranges for `size` bytes of RAM: one range below the MMIO hole and, when the
 /// RAM does not fit under it, a second range starting at 4 GiB.

@@ -23,6 +23,7 @@ pub mod state;
 pub mod state_dir;
 pub mod update;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use boot::kernel::BootError;
@@ -98,6 +99,8 @@ pub enum VmmError {
     Api(#[from] crate::api::ApiServerError),
     #[error(transparent)]
     Update(#[from] update::UpdateError),
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioError),
     #[error("cannot write guest memory to {path}")]
     MemoryWrite {
         path: std::path::PathBuf,

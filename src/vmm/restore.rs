@@ -166,7 +166,7 @@ pub fn build_restored(
         let vm = vm::create_vm(&kvm, ram.memory())?;
         restore_vm(&vm, &snap.vm)?;
         log::debug!("restore: VM state restored at {:.3} ms", ms(t));
-        let devices = Devices::create(&vm, &snap.config.serial, Some(&snap.devices))?;
+        let devices = Devices::create(&vm, ram.memory(), &snap.config, Some(&snap.devices))?;
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
             let mut vcpu = Vcpu::new(&vm, state.index)?;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::config::VmConfig;
 use super::memory::saved_marker;
 use super::state::{VcpuState, VmState};
+use super::virtio::VirtioDeviceState;
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::snapshot::{self, SnapshotError};
@@ -69,6 +70,8 @@ pub struct SavedMemory {
 pub struct DevicesState {
     pub serial: SerialDeviceState,
     pub i8042: I8042State,
+    /// One per virtio device, in configuration order (disks, then network interfaces).
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 /// Everything needed to bring a VM back: the payload of `vm.state`.
@@ -100,6 +103,13 @@ impl VmSnapshot {
             if usize::from(v.index) != i {
                 return Err(bad(format!("vCPU state {i} is for vCPU {}", v.index)));
             }
+        }
+        let devices = self.config.disks.len() + self.config.nets.len();
+        if self.devices.virtio.len() != devices {
+            return Err(bad(format!(
+                "{} virtio device states for a VM configured with {devices} devices",
+                self.devices.virtio.len()
+            )));
         }
         if self.memory.size != self.config.memory_bytes {
             return Err(bad(format!(

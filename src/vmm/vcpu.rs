@@ -23,7 +23,7 @@ use super::boot::kernel::{BootError, EntryPoint};
 use super::boot::regs::{boot_fpu, boot_regs, boot_sregs};
 use super::msr::boot_msrs;
 use super::state::{restore_vcpu, save_vcpu, saveable_msrs, StateError, VcpuState};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::{MmioBus, PioBus};
 
 /// How long a vCPU thread may take to answer a pause, resume or save request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -292,6 +292,7 @@ impl Vcpu {
     pub fn start(
         self,
         pio: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
         exit: Arc<ExitSignal>,
         paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
@@ -300,7 +301,7 @@ impl Vcpu {
         let (reply_tx, reply_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&pio, &exit, req_rx, reply_tx, paused))
+            .spawn(move || self.run(&pio, &mmio, &exit, req_rx, reply_tx, paused))
             .map_err(|source| VcpuError::Thread { index, source })?;
         Ok(VcpuHandle {
             index,
@@ -313,6 +314,7 @@ impl Vcpu {
     fn run(
         mut self,
         pio: &PioBus,
+        mmio: &MmioBus,
         exit: &ExitSignal,
         requests: Receiver<Request>,
         replies: Sender<Reply>,
@@ -363,7 +365,7 @@ impl Vcpu {
                 // Fails with EINVAL when the guest has no kvmclock; nothing to tell then.
                 let _ = self.fd.kvmclock_ctrl();
             }
-            if let Some(reason) = self.run_once(pio) {
+            if let Some(reason) = self.run_once(pio, mmio) {
                 exit.request(reason);
                 break;
             }
@@ -386,7 +388,7 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until one exit is handled; returns a reason when the guest stopped.
-    fn run_once(&mut self, pio: &PioBus) -> Option<GuestExit> {
+    fn run_once(&mut self, pio: &PioBus, mmio: &MmioBus) -> Option<GuestExit> {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -402,12 +404,15 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("vcpu{index}: read of unclaimed MMIO {addr:#x}");
-                data.fill(0xff);
+                if !mmio.read(addr, data) {
+                    log::debug!("vcpu{index}: read of unclaimed MMIO {addr:#x}");
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vcpu{index}: write to unclaimed MMIO {addr:#x}");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) {
+                    log::debug!("vcpu{index}: write to unclaimed MMIO {addr:#x}");
+                }
                 None
             }
             Ok(VcpuExit::Shutdown) => Some(GuestExit::Reset("triple fault")),

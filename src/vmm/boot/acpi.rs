@@ -28,6 +28,7 @@ use super::mptable::{
     APIC_DEFAULT_ADDR, IOAPIC_ADDR, ISA_IRQ0_IOAPIC_PIN, MAX_CPUS, MPTABLE_START,
 };
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::vmm::layout::VIRTIO_MMIO_SIZE;
 
 /// Guest physical address of the RSDP, the first of the tables. Linux scans 0xE0000..0x100000
 /// for it on 16-byte boundaries when the boot protocol does not hand it the address.
@@ -105,9 +106,13 @@ const NMI_LINT: u8 = 1;
 const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
 
 /// Writes the RSDP (at [`ACPI_START`], 16-byte aligned so a scan of the BIOS area finds it),
-/// the XSDT, FADT, DSDT and MADT for `num_cpus` CPUs into `mem`, and returns the RSDP's
-/// address.
-pub fn setup_acpi<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<u64, AcpiError> {
+/// the XSDT, FADT, DSDT and MADT for `num_cpus` CPUs and the virtio-mmio devices `virtio`
+/// (each its window's base and its GSI) into `mem`, and returns the RSDP's address.
+pub fn setup_acpi<M: GuestMemory>(
+    mem: &M,
+    num_cpus: u8,
+    virtio: &[(u64, u32)],
+) -> Result<u64, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -118,7 +123,7 @@ pub fn setup_acpi<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<u64, AcpiErro
         });
     }
 
-    let tables = build_tables(num_cpus);
+    let tables = build_tables(num_cpus, virtio);
     let size = tables.len() as u64;
     if size > ACPI_MAX_SIZE {
         return Err(AcpiError::TablesTooLarge {
@@ -144,9 +149,9 @@ pub fn setup_acpi<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<u64, AcpiErro
 
 /// The tables' bytes as they go into guest memory at [`ACPI_START`]: the RSDP, then each table
 /// after the ones it points to (DSDT, FADT, MADT, XSDT).
-fn build_tables(num_cpus: u8) -> Vec<u8> {
+fn build_tables(num_cpus: u8, virtio: &[(u64, u32)]) -> Vec<u8> {
     let mut image = TableImage::new();
-    let dsdt = image.push(dsdt().as_slice());
+    let dsdt = image.push(dsdt(virtio).as_slice());
     let fadt = image.push(&aml_bytes(&fadt(dsdt)));
     let madt = image.push(madt(num_cpus).as_slice());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -204,7 +209,7 @@ fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
 
 /// The DSDT: a definition block whose namespace names the legacy devices whose resources the
 /// guest cannot find otherwise.
-fn dsdt() -> Sdt {
+fn dsdt(virtio: &[(u64, u32)]) -> Sdt {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_LEN,
@@ -213,7 +218,7 @@ fn dsdt() -> Sdt {
         OEM_TABLE_ID,
         OEM_REVISION,
     );
-    dsdt.append_slice(&dsdt_body());
+    dsdt.append_slice(&dsdt_body(virtio));
     dsdt
 }
 
@@ -225,14 +230,49 @@ const _: () = assert!(COM1_LEN <= u8::MAX as u16);
 /// ISA IRQs 0-15 onto IOAPIC pins, so the IRQ 4 its built-in COM1 port assumes has no IRQ
 /// descriptor and opening `ttyS0` fails. Described here, the port is claimed through ACPI,
 /// which maps GSI 4 on the IOAPIC (edge-triggered, active high, as the UART signals it).
-fn dsdt_body() -> Vec<u8> {
+///
+/// Then one `\_SB.VRnn` per virtio-mmio device: `LNRO0005` is the ACPI ID Linux's
+/// virtio_mmio driver matches, with the register window and the interrupt (edge-triggered,
+/// active high: each irqfd write is one edge) as its resources.
+fn dsdt_body(virtio: &[(u64, u32)]) -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let uid = aml::Name::new("_UID".into(), &0u8);
     let io = aml::IO::new(COM1_BASE, COM1_BASE, 1, COM1_LEN as u8);
     let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
-    aml_bytes(&aml::Scope::new("\\_SB_".into(), vec![&com1]))
+    let virtio: Vec<Vec<u8>> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, &(base, gsi))| virtio_device(i, base, gsi))
+        .collect();
+    let mut devices: Vec<&dyn Aml> = vec![&com1];
+    let raw: Vec<RawAml> = virtio.iter().map(|b| RawAml(b)).collect();
+    devices.extend(raw.iter().map(|r| r as &dyn Aml));
+    aml_bytes(&aml::Scope::new("\\_SB_".into(), devices))
+}
+
+/// Bytes already encoded as AML, to nest in a scope.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(self.0);
+    }
+}
+
+/// `Device (VRnn)` for virtio-mmio device `index`.
+fn virtio_device(index: usize, base: u64, gsi: u32) -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid = aml::Name::new("_UID".into(), &(index as u32));
+    let window = aml::Memory32Fixed::new(true, base as u32, VIRTIO_MMIO_SIZE as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&window, &irq]),
+    );
+    let name = format!("VR{index:02X}");
+    aml_bytes(&aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]))
 }
 
 /// The MADT: one enabled local APIC per CPU (APIC ID and processor UID both the vCPU index),
@@ -378,7 +418,7 @@ mod tests {
 
     fn setup(num_cpus: u8) -> Tables {
         let mem = low_memory();
-        let rsdp_addr = setup_acpi(&mem, num_cpus).unwrap();
+        let rsdp_addr = setup_acpi(&mem, num_cpus, &[]).unwrap();
         tables(&mem, rsdp_addr)
     }
 
@@ -407,7 +447,7 @@ mod tests {
     #[test]
     fn rsdp_is_at_acpi_start_with_both_checksums_right() {
         let mem = low_memory();
-        let rsdp_addr = setup_acpi(&mem, 2).unwrap();
+        let rsdp_addr = setup_acpi(&mem, 2, &[]).unwrap();
         assert_eq!(rsdp_addr, ACPI_START);
         assert_eq!(rsdp_addr % 16, 0);
 
@@ -463,7 +503,7 @@ mod tests {
         let end = ranges.last().unwrap().1;
         assert!(end <= ACPI_START + ACPI_MAX_SIZE);
         assert!(end <= MPTABLE_START);
-        assert_eq!(end - ACPI_START, build_tables(MAX_CPUS).len() as u64);
+        assert_eq!(end - ACPI_START, build_tables(MAX_CPUS, &[]).len() as u64);
     }
 
     #[test]
@@ -496,7 +536,7 @@ mod tests {
         assert_eq!(&dsdt[0..4], b"DSDT");
         assert_eq!(dsdt[8], DSDT_REVISION);
         let body = &dsdt[36..];
-        assert_eq!(body, dsdt_body().as_slice());
+        assert_eq!(body, dsdt_body(&[]).as_slice());
         let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
         assert!(contains(b"COM1"));
         // IO descriptor for 0x3f8..0x3ff and extended interrupt descriptor for GSI 4.
@@ -504,6 +544,21 @@ mod tests {
         assert!(contains(&[
             0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00
         ]));
+    }
+
+    #[test]
+    fn dsdt_names_each_virtio_device_with_its_window_and_interrupt() {
+        let body = dsdt_body(&[(0xd000_0000, 5), (0xd000_1000, 16)]);
+        let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"VR00") && contains(b"VR01"));
+        assert_eq!(body.windows(9).filter(|w| w == b"LNRO0005\0").count(), 2);
+        // Memory32Fixed, read-write, base, 4 KiB; then the edge-triggered GSI.
+        assert!(contains(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00]));
+        assert!(contains(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00]));
+        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00]));
+        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x10, 0x00, 0x00, 0x00]));
+        // Without devices the DSDT is COM1 alone.
+        assert!(!dsdt_body(&[]).windows(8).any(|w| w == b"LNRO0005"));
     }
 
     #[test]
@@ -564,14 +619,14 @@ mod tests {
     #[test]
     fn zero_cpus_is_an_error() {
         assert!(matches!(
-            setup_acpi(&low_memory(), 0),
+            setup_acpi(&low_memory(), 0, &[]),
             Err(AcpiError::NoCpus)
         ));
     }
 
     #[test]
     fn more_than_max_cpus_is_an_error() {
-        let err = setup_acpi(&low_memory(), MAX_CPUS + 1).unwrap_err();
+        let err = setup_acpi(&low_memory(), MAX_CPUS + 1, &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "Too many CPUs for the ACPI tables: 255 requested, at most 254 supported"
@@ -582,7 +637,7 @@ mod tests {
     fn guest_memory_below_the_tables_is_an_error() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         assert!(matches!(
-            setup_acpi(&mem, 1),
+            setup_acpi(&mem, 1, &[]),
             Err(AcpiError::TablesOutsideMemory {
                 start: ACPI_START,
                 ..
@@ -594,7 +649,7 @@ mod tests {
     fn guest_memory_ending_inside_the_tables_is_an_error() {
         let end = ACPI_START as usize + 64;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), end)]).unwrap();
-        let err = setup_acpi(&mem, 1).unwrap_err();
+        let err = setup_acpi(&mem, 1, &[]).unwrap_err();
         assert!(matches!(err, AcpiError::TablesOutsideMemory { .. }));
         assert!(err.to_string().starts_with("The ACPI tables ("));
     }

@@ -142,6 +142,7 @@ impl Vmm {
         for vcpu in vcpus {
             let handle = vcpu.start(
                 machine.devices.pio.clone(),
+                machine.devices.mmio.clone(),
                 machine.exit.clone(),
                 start_paused,
             );
@@ -154,10 +155,24 @@ impl Vmm {
             }
         }
         machine.paused = start_paused;
+        if !start_paused {
+            // A restored device may have had requests in flight: process them now.
+            machine.devices.virtio.resume();
+        }
         machine.startup_ms = Some(crate::process_age_ms());
         machine.note_update_blackout();
         log::info!("VM {} running", machine.config.id);
 
+        if !machine.devices.virtio.is_empty() {
+            match machine.devices.virtio.subscriber() {
+                Ok(queues) => event_loop.add_subscriber(Arc::new(Mutex::new(queues))),
+                Err(e) => {
+                    drop(event_loop);
+                    machine.teardown();
+                    return Err(e.into());
+                }
+            }
+        }
         let api_socket = machine.api_socket.take();
         let machine = Arc::new(Mutex::new(machine));
         if let Some(socket) = api_socket {
@@ -301,6 +316,7 @@ impl Machine {
         for h in &self.vcpus {
             h.wait_paused()?;
         }
+        self.devices.virtio.pause();
         self.paused = true;
         log::info!("VM {} paused in {:.3} ms", self.config.id, ms(t.elapsed()));
         Ok(t.elapsed())
@@ -319,6 +335,7 @@ impl Machine {
                 r.restorable = false;
             }
         }
+        self.devices.virtio.resume();
         for h in &self.vcpus {
             h.resume()?;
         }

@@ -92,6 +92,9 @@ impl Machine {
     }
 
     fn write_snapshot(&mut self, dir: &Path) -> Result<(SavedMemory, u64), VmmError> {
+        // The snapshot may be restored after a host reset, which loses the page cache:
+        // what the guest wrote to its disks must be on stable storage first.
+        self.devices.virtio.sync_disks()?;
         let token = saved::new_token();
         let memory = match self.ram.backend() {
             MemoryBackend::File { path } => {

@@ -9,6 +9,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod devices;
+
+pub use devices::VirtioDiscovery;
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::NetConfig;
+
 /// Default kernel command line for Linux guests: console on the first UART, reboot by
 /// the keyboard controller (the VMM has no ACPI yet), and reboot at once on panic so a
 /// broken guest ends the VMM instead of hanging.
@@ -40,6 +46,22 @@ pub enum ConfigError {
     BadBackend(String),
     #[error("--cpus must be at least 1")]
     NoCpus,
+    #[error("invalid {option} '{arg}': {why}")]
+    BadDevice {
+        option: &'static str,
+        arg: String,
+        why: String,
+    },
+    #[error("{what} '{value}' is used twice")]
+    Duplicate { what: &'static str, value: String },
+    #[error("{count} virtio devices requested; at most {max} fit with {discovery:?} discovery (one interrupt line each)")]
+    TooManyDevices {
+        count: usize,
+        max: usize,
+        discovery: VirtioDiscovery,
+    },
+    #[error("invalid --virtio-discovery '{0}': expected acpi or cmdline")]
+    BadDiscovery(String),
 }
 
 /// Where guest RAM lives. The mapping is always `MAP_SHARED`.
@@ -118,6 +140,14 @@ pub struct VmConfig {
     /// The control API socket; none for a VM run without one.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces, after the disks.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    #[serde(default)]
+    pub virtio_discovery: VirtioDiscovery,
 }
 
 impl VmConfig {
@@ -135,6 +165,9 @@ impl VmConfig {
             serial: SerialMode::Null,
             state_dir: dir.into(),
             api_socket: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            virtio_discovery: VirtioDiscovery::Acpi,
         }
     }
 }

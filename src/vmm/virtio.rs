@@ -1,0 +1,479 @@
+//! The VM's virtio-mmio devices as the VMM wires them: one register window and one GSI per
+//! device (disks first, then network interfaces, see [`virtio_slot`]), the interrupt as an
+//! irqfd, each queue's notification as an ioeventfd, and the event-loop subscriber that
+//! processes the queues.
+//!
+//! Queues are processed on the VMM's event-loop thread only: when a queue's ioeventfd
+//! fires (the guest wrote QueueNotify) and, for a network device, when its tap becomes
+//! readable. The vCPU threads only reach the register windows through the MMIO bus. While
+//! the VM is paused nothing is processed, so guest memory and the device state hold still
+//! for a snapshot; [`VirtioDevices::resume`] then processes every ready queue once and
+//! raises each device's interrupt, so that a notification that arrived during the pause,
+//! or before a snapshot that is being restored, is not lost.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::VmConfig;
+use super::layout::{virtio_slot, VIRTIO_MMIO_SIZE};
+use crate::devices::bus::{lock, MmioBus, MmioDevice};
+use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockState};
+use crate::devices::virtio::mmio::{reg, MmioTransport, MmioTransportState, RestoreError};
+use crate::devices::virtio::net::{Net, NetConfig, NetError, NetState};
+use crate::devices::virtio::{EventFdInterrupt, Interrupt, Memory, VirtioDevice};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("cannot restore {device}")]
+    Restore {
+        device: String,
+        #[source]
+        source: RestoreError,
+    },
+    #[error("the snapshot has {saved} virtio devices but its configuration names {configured}")]
+    Count { saved: usize, configured: usize },
+    #[error("saved device {index} is a {saved}, the configuration has a {configured} there")]
+    Kind {
+        index: usize,
+        saved: &'static str,
+        configured: &'static str,
+    },
+    #[error("cannot create an event for {device}")]
+    EventFd {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot register the {what} of {device} with KVM")]
+    Register {
+        device: String,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot place {device} on the MMIO bus")]
+    Bus {
+        device: String,
+        #[source]
+        source: crate::devices::bus::BusError,
+    },
+    #[error("no interrupt line is left for virtio device {0}")]
+    NoSlot(usize),
+}
+
+/// A device's state in a snapshot: its backend and its transport.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioDeviceState {
+    Block {
+        disk: BlockState,
+        transport: MmioTransportState,
+    },
+    Net {
+        net: NetState,
+        transport: MmioTransportState,
+    },
+}
+
+impl VirtioDeviceState {
+    fn kind(&self) -> &'static str {
+        match self {
+            VirtioDeviceState::Block { .. } => "disk",
+            VirtioDeviceState::Net { .. } => "network interface",
+        }
+    }
+}
+
+/// One device behind its transport.
+pub enum Transport {
+    Block(MmioTransport<Block>),
+    Net(MmioTransport<Net>),
+}
+
+impl Transport {
+    fn notify_queue(&mut self, index: u32) {
+        match self {
+            Transport::Block(t) => t.notify_queue(index),
+            Transport::Net(t) => t.notify_queue(index),
+        }
+    }
+
+    fn process_after_resume(&mut self) {
+        match self {
+            Transport::Block(t) => t.process_after_resume(),
+            Transport::Net(t) => t.process_after_resume(),
+        }
+    }
+
+    fn state(&self) -> VirtioDeviceState {
+        match self {
+            Transport::Block(t) => VirtioDeviceState::Block {
+                disk: t.device().state(),
+                transport: t.save(),
+            },
+            Transport::Net(t) => VirtioDeviceState::Net {
+                net: t.device().state(),
+                transport: t.save(),
+            },
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Transport::Block(t) => t.device().name().to_string(),
+            Transport::Net(t) => t.device().name().to_string(),
+        }
+    }
+
+    fn queue_count(&self) -> usize {
+        match self {
+            Transport::Block(t) => t.device().queue_max_sizes().len(),
+            Transport::Net(t) => t.device().queue_max_sizes().len(),
+        }
+    }
+
+    /// The file descriptor whose readiness means work for queue 0 (a tap's received
+    /// frames), if any.
+    fn backend_fd(&self) -> Option<RawFd> {
+        match self {
+            Transport::Block(_) => None,
+            Transport::Net(t) => Some(t.device().as_raw_fd()),
+        }
+    }
+}
+
+impl MmioDevice for Transport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self {
+            Transport::Block(t) => t.read(offset, data),
+            Transport::Net(t) => t.read(offset, data),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match self {
+            Transport::Block(t) => t.write(offset, data),
+            Transport::Net(t) => t.write(offset, data),
+        }
+    }
+}
+
+/// A device as placed in the VM.
+struct Slot {
+    transport: Arc<Mutex<Transport>>,
+    /// One ioeventfd per queue, bound to QueueNotify with the queue's index as datamatch.
+    queue_evts: Vec<EventFd>,
+}
+
+/// The VM's virtio devices and whether they may process their queues.
+pub struct VirtioDevices {
+    slots: Vec<Slot>,
+    /// False while the VM is paused.
+    active: Arc<AtomicBool>,
+}
+
+/// What a device needs from the VM to be built.
+struct Wiring<'a> {
+    vm: &'a VmFd,
+    mem: &'a Memory,
+}
+
+impl VirtioDevices {
+    /// Opens every disk and tap of `config` and wires the devices into `vm` and `mmio`,
+    /// fresh or from `saved` (one state per device, in configuration order).
+    pub fn create(
+        vm: &VmFd,
+        mem: &Memory,
+        config: &VmConfig,
+        saved: Option<&[VirtioDeviceState]>,
+        mmio: &mut MmioBus,
+    ) -> Result<Self, VirtioError> {
+        let configured = config.disks.len() + config.nets.len();
+        if let Some(saved) = saved {
+            if saved.len() != configured {
+                return Err(VirtioError::Count {
+                    saved: saved.len(),
+                    configured,
+                });
+            }
+        }
+        let wiring = Wiring { vm, mem };
+        let mut slots = Vec::with_capacity(configured);
+        for (i, disk) in config.disks.iter().enumerate() {
+            let state = saved.map(|s| &s[i]);
+            let transport = block_transport(&wiring, disk, state, i)?;
+            slots.push(place(&wiring, transport, i, mmio)?);
+        }
+        for (j, net) in config.nets.iter().enumerate() {
+            let i = config.disks.len() + j;
+            let state = saved.map(|s| &s[i]);
+            let transport = net_transport(&wiring, net, state, i)?;
+            slots.push(place(&wiring, transport, i, mmio)?);
+        }
+        Ok(VirtioDevices {
+            slots,
+            active: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Every device's state, in configuration order. The VM must be paused.
+    pub fn state(&self) -> Vec<VirtioDeviceState> {
+        self.slots.iter().map(|s| lock(&s.transport).state()).collect()
+    }
+
+    /// Flushes every writable disk to stable storage, so that a snapshot (and a host
+    /// reset after it) finds on disk every write the guest has seen completed.
+    pub fn sync_disks(&self) -> Result<(), VirtioError> {
+        for slot in &self.slots {
+            if let Transport::Block(t) = &*lock(&slot.transport) {
+                if !t.device().read_only() {
+                    t.device().sync()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops queue processing; the vCPUs must be paused first.
+    pub fn pause(&self) {
+        self.active.store(false, Ordering::SeqCst);
+    }
+
+    /// Starts queue processing and catches up on what arrived while paused.
+    pub fn resume(&self) {
+        self.active.store(true, Ordering::SeqCst);
+        for slot in &self.slots {
+            lock(&slot.transport).process_after_resume();
+        }
+    }
+
+    /// The event-loop subscriber that processes the queues.
+    pub fn subscriber(&self) -> Result<QueueEvents, VirtioError> {
+        let mut watched = Vec::new();
+        for slot in &self.slots {
+            let t = lock(&slot.transport);
+            for (queue, evt) in slot.queue_evts.iter().enumerate() {
+                let evt = evt.try_clone().map_err(|source| VirtioError::EventFd {
+                    device: t.name(),
+                    source,
+                })?;
+                watched.push(Watched {
+                    transport: slot.transport.clone(),
+                    queue: queue as u32,
+                    source: Source::Notify(evt),
+                });
+            }
+            if let Some(fd) = t.backend_fd() {
+                watched.push(Watched {
+                    transport: slot.transport.clone(),
+                    queue: 0,
+                    source: Source::Backend(fd),
+                });
+            }
+        }
+        Ok(QueueEvents {
+            watched,
+            active: self.active.clone(),
+        })
+    }
+}
+
+fn block_transport(
+    w: &Wiring,
+    config: &BlockConfig,
+    saved: Option<&VirtioDeviceState>,
+    index: usize,
+) -> Result<(Transport, EventFdInterrupt), VirtioError> {
+    let irq = interrupt(&format!("disk {}", config.id))?;
+    let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, &config.id)?);
+    let transport = match saved {
+        None => MmioTransport::new(Block::open(config)?, w.mem.clone(), shared),
+        Some(VirtioDeviceState::Block { disk, transport }) => {
+            let device = Block::restore(config, disk)?;
+            let name = device.name().to_string();
+            MmioTransport::restore(device, w.mem.clone(), shared, transport)
+                .map_err(|source| VirtioError::Restore {
+                    device: name,
+                    source,
+                })?
+        }
+        Some(other) => {
+            return Err(VirtioError::Kind {
+                index,
+                saved: other.kind(),
+                configured: "disk",
+            })
+        }
+    };
+    Ok((Transport::Block(transport), irq))
+}
+
+fn net_transport(
+    w: &Wiring,
+    config: &NetConfig,
+    saved: Option<&VirtioDeviceState>,
+    index: usize,
+) -> Result<(Transport, EventFdInterrupt), VirtioError> {
+    let irq = interrupt(&format!("tap {}", config.tap))?;
+    let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, &config.tap)?);
+    let transport = match saved {
+        None => MmioTransport::new(Net::open(config)?, w.mem.clone(), shared),
+        Some(VirtioDeviceState::Net { net, transport }) => {
+            let device = Net::restore(config, net)?;
+            let name = device.name().to_string();
+            MmioTransport::restore(device, w.mem.clone(), shared, transport)
+                .map_err(|source| VirtioError::Restore {
+                    device: name,
+                    source,
+                })?
+        }
+        Some(other) => {
+            return Err(VirtioError::Kind {
+                index,
+                saved: other.kind(),
+                configured: "network interface",
+            })
+        }
+    };
+    Ok((Transport::Net(transport), irq))
+}
+
+fn interrupt(device: &str) -> Result<EventFdInterrupt, VirtioError> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map(EventFdInterrupt::new)
+        .map_err(|source| VirtioError::EventFd {
+            device: device.to_string(),
+            source,
+        })
+}
+
+fn irq_clone(irq: &EventFdInterrupt, device: &str) -> Result<EventFdInterrupt, VirtioError> {
+    irq.eventfd()
+        .try_clone()
+        .map(EventFdInterrupt::new)
+        .map_err(|source| VirtioError::EventFd {
+            device: device.to_string(),
+            source,
+        })
+}
+
+/// Puts device `index` at its slot: the irqfd on its GSI, an ioeventfd per queue on its
+/// QueueNotify register, its window on the MMIO bus.
+fn place(
+    w: &Wiring,
+    (transport, irq): (Transport, EventFdInterrupt),
+    index: usize,
+    mmio: &mut MmioBus,
+) -> Result<Slot, VirtioError> {
+    let (base, gsi) = virtio_slot(index).ok_or(VirtioError::NoSlot(index))?;
+    let device = transport.name();
+    let register = |what, source| VirtioError::Register {
+        device: device.clone(),
+        what,
+        source,
+    };
+    w.vm
+        .register_irqfd(irq.eventfd(), gsi)
+        .map_err(|e| register("interrupt", e))?;
+    let mut queue_evts = Vec::with_capacity(transport.queue_count());
+    for queue in 0..transport.queue_count() as u32 {
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+            VirtioError::EventFd {
+                device: device.clone(),
+                source,
+            }
+        })?;
+        w.vm
+            .register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                queue,
+            )
+            .map_err(|e| register("queue notification", e))?;
+        queue_evts.push(evt);
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+        .map_err(|source| VirtioError::Bus {
+            device: device.clone(),
+            source,
+        })?;
+    log::info!("{device}: virtio-mmio at {base:#x}, GSI {gsi}");
+    Ok(Slot {
+        transport,
+        queue_evts,
+    })
+}
+
+enum Source {
+    /// A queue's ioeventfd.
+    Notify(EventFd),
+    /// A backend's fd (a tap), watched edge-triggered.
+    Backend(RawFd),
+}
+
+struct Watched {
+    transport: Arc<Mutex<Transport>>,
+    queue: u32,
+    source: Source,
+}
+
+impl Watched {
+    fn fd(&self) -> RawFd {
+        match &self.source {
+            Source::Notify(evt) => evt.as_raw_fd(),
+            Source::Backend(fd) => *fd,
+        }
+    }
+}
+
+/// Processes a queue when its notification or its backend fires, unless the VM is paused.
+pub struct QueueEvents {
+    watched: Vec<Watched>,
+    active: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for QueueEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for w in &self.watched {
+            let events = match w.source {
+                Source::Notify(_) => EventSet::IN,
+                // Edge-triggered: a frame the guest has no buffer for stays in the tap
+                // without waking the loop again; the guest's next RX notification
+                // carries on reading.
+                Source::Backend(_) => EventSet::IN | EventSet::EDGE_TRIGGERED,
+            };
+            if let Err(e) = ops.add(Events::new_raw(w.fd(), events)) {
+                log::error!("cannot watch a virtio queue event: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        let Some(w) = self.watched.iter().find(|w| w.fd() == fd) else {
+            return;
+        };
+        if let Source::Notify(evt) = &w.source {
+            let _ = evt.read();
+        }
+        // While paused the notification is dropped: resume processes every queue.
+        if self.active.load(Ordering::SeqCst) {
+            lock(&w.transport).notify_queue(w.queue);
+        }
+    }
+}

@@ -8,7 +8,7 @@ fn main() {
     let src = PathBuf::from("resources/testguest");
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("testguest.elf");
-    for f in ["guest.c", "start.S", "link.ld"] {
+    for f in ["guest.c", "guest.h", "virtio_blk.c", "start.S", "link.ld"] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }
     let cc = std::env::var("WATERBEAR_GUEST_CC").unwrap_or_else(|_| "gcc".into());
@@ -37,6 +37,7 @@ fn main() {
         .arg("-o")
         .arg(&out)
         .arg(src.join("guest.c"))
+        .arg(src.join("virtio_blk.c"))
         .arg(src.join("start.S"))
         .status();
     match status {

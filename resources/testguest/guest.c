@@ -16,9 +16,12 @@
  *                 i8042 controller, which makes waterbear exit 0 (0 = run forever)
  *     tick_ms=M   timer period in milliseconds (default 100)
  *     region_kib=K size of the checksummed region (default 16, at most 64)
+ *     disk=1      drive the first virtio device as a disk on every tick (virtio_blk.c)
  * Keep the per-tick work tiny: on software KVM guest code runs slowly.
  */
 #include <stdint.h>
+
+#include "guest.h"
 
 #define COM1_THR 0x3f8
 #define I8042_CMD 0x64
@@ -52,29 +55,22 @@ struct idt_ptr {
     uint64_t base;
 } __attribute__((packed));
 
-struct interrupt_frame;
-
 static struct idt_entry idt[256];
 static volatile uint64_t timer_interrupts;
 static uint64_t region[MAX_REGION_WORDS];
-
-static inline void outb(uint16_t port, uint8_t v)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
 
 static inline volatile uint32_t *lapic(uint32_t reg)
 {
     return (volatile uint32_t *)(LAPIC_BASE + reg);
 }
 
-static void puts(const char *s)
+void puts(const char *s)
 {
     while (*s)
         outb(COM1_THR, (uint8_t)*s++);
 }
 
-static void put_dec(uint64_t v)
+void put_dec(uint64_t v)
 {
     char buf[21];
     int i = 20;
@@ -114,11 +110,16 @@ static uint64_t param(const char *cmdline, const char *key, uint64_t dflt)
     return dflt;
 }
 
+void lapic_eoi(void)
+{
+    *lapic(LAPIC_EOI) = 0;
+}
+
 __attribute__((interrupt)) static void timer_isr(struct interrupt_frame *frame)
 {
     (void)frame;
     timer_interrupts++;
-    *lapic(LAPIC_EOI) = 0;
+    lapic_eoi();
 }
 
 __attribute__((interrupt)) static void spurious_isr(struct interrupt_frame *frame)
@@ -126,7 +127,7 @@ __attribute__((interrupt)) static void spurious_isr(struct interrupt_frame *fram
     (void)frame;
 }
 
-static void set_gate(int vector, void (*handler)(struct interrupt_frame *))
+void set_gate(int vector, void (*handler)(struct interrupt_frame *))
 {
     uint64_t a = (uint64_t)handler;
     idt[vector] = (struct idt_entry){
@@ -159,6 +160,7 @@ void guest_main(const uint8_t *boot_params)
     uint64_t max_ticks = param(cmdline, "ticks", 0);
     uint64_t tick_ms = param(cmdline, "tick_ms", 100);
     uint64_t words = param(cmdline, "region_kib", 16) * 1024 / 8;
+    uint64_t disk = param(cmdline, "disk", 0);
     if (words == 0 || words > MAX_REGION_WORDS)
         words = 16 * 1024 / 8;
     if (tick_ms == 0)
@@ -179,6 +181,9 @@ void guest_main(const uint8_t *boot_params)
     struct idt_ptr ip = { sizeof(idt) - 1, (uint64_t)idt };
     __asm__ volatile("lidt %0" : : "m"(ip));
 
+    if (disk && vblk_init() != 0)
+        disk = 0;
+
     *lapic(LAPIC_SVR) = 0x100 | SPURIOUS_VECTOR;
     *lapic(LAPIC_TIMER_DIV) = TIMER_DIVIDE_128;
     *lapic(LAPIC_LVT_TIMER) = LVT_PERIODIC | TIMER_VECTOR;
@@ -196,6 +201,8 @@ void guest_main(const uint8_t *boot_params)
         region[i] += ticks;
         expected += region[i] ^ i;
         uint32_t sum = region_sum(words);
+        if (disk)
+            vblk_tick(ticks);
 
         puts(max_ticks && ticks == max_ticks ? "done " : "tick ");
         put_dec(ticks);

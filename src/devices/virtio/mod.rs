@@ -1,7 +1,7 @@
 //! Virtio devices on the virtio-mmio transport (virtio 1.x, MMIO register layout version 2).
 //!
 //! This module owns the transport ([`mmio::MmioTransport`]), the checks every device applies
-//! to the descriptor chains a driver hands it ([`queue`]), the devices ([`block`]) and their
+//! to the descriptor chains a driver hands it ([`queue`]), the devices ([`block`], [`net`]) and their
 //! saved state. The split rings themselves come from the rust-vmm `virtio-queue` crate.
 //!
 //! It does not own where a device sits in the guest's address space or which interrupt line
@@ -15,6 +15,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 #[cfg(test)]
 mod testutil;
@@ -145,8 +146,9 @@ mod tests {
     }
 
     #[test]
-    fn transport_with_a_block_device_can_move_between_threads() {
+    fn transport_with_a_block_or_net_device_can_move_between_threads() {
         fn assert_send<T: Send>() {}
         assert_send::<mmio::MmioTransport<block::Block>>();
+        assert_send::<mmio::MmioTransport<net::Net>>();
     }
 }

@@ -34,8 +34,12 @@ pub struct VmEntry {
     /// "memfd", "hugepages" or the memory file's path.
     pub memory: String,
     pub memory_bytes: Option<u64>,
-    /// Whether the memory lives on a DAX filesystem, which a kexec preserves.
+    /// Whether the VM survives a host reset: its memory lives on a DAX filesystem, which a
+    /// kexec preserves, and none of its disks is on a filesystem in RAM.
     pub survives_host_reset: bool,
+    /// Why it does not, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_reset_blocker: Option<String>,
 }
 
 /// Every VM directory under `root`, sorted by id.
@@ -85,6 +89,15 @@ pub fn describe(dir: &Path) -> Option<VmEntry> {
         Some(MemoryBackend::Hugepages) => ("hugepages".to_string(), false),
         None => ("unknown".to_string(), false),
     };
+    let volatile_disk = config
+        .iter()
+        .flat_map(|c| &c.disks)
+        .find(|d| is_volatile(&d.path));
+    let blocker = if !survives {
+        Some(format!("memory {memory} is not on a DAX filesystem"))
+    } else {
+        volatile_disk.map(|d| format!("disk {} is on a filesystem in RAM", d.path.display()))
+    };
     Some(VmEntry {
         id,
         dir: dir.into(),
@@ -97,7 +110,8 @@ pub fn describe(dir: &Path) -> Option<VmEntry> {
         api_socket: config.as_ref().and_then(|c| c.api_socket.clone()),
         memory,
         memory_bytes: config.as_ref().map(|c| c.memory_bytes),
-        survives_host_reset: survives,
+        survives_host_reset: blocker.is_none(),
+        host_reset_blocker: blocker,
     })
 }
 
@@ -130,29 +144,41 @@ fn lock_owner(path: &Path) -> Option<u32> {
     })
 }
 
-/// Whether `path` is on a filesystem mounted with `dax` (persistent memory, preserved
-/// across a kexec when the kernel reserves the same range).
-pub fn is_dax(path: &Path) -> bool {
-    let Ok(target) = path.canonicalize().or_else(|_| {
-        path.parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-            .canonicalize()
-    }) else {
-        return false;
-    };
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
+/// The filesystem type and mount options of the mount `path` (or, when it does not exist,
+/// its directory) is on, from `/proc/self/mounts`.
+fn mount_of(path: &Path) -> Option<(String, String)> {
+    let target = path
+        .canonicalize()
+        .or_else(|_| {
+            path.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+                .canonicalize()
+        })
+        .ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
     mounts
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            Some((PathBuf::from(unescape(f.get(1)?)), f.get(3)?.to_string()))
+            let mnt = PathBuf::from(unescape(f.get(1)?));
+            Some((mnt, f.get(2)?.to_string(), f.get(3)?.to_string()))
         })
-        .filter(|(mnt, _)| target.starts_with(mnt))
-        .max_by_key(|(mnt, _)| mnt.as_os_str().len())
-        .is_some_and(|(_, opts)| opts.split(',').any(|o| o == "dax" || o == "dax=always"))
+        .filter(|(mnt, _, _)| target.starts_with(mnt))
+        .max_by_key(|(mnt, _, _)| mnt.as_os_str().len())
+        .map(|(_, fstype, opts)| (fstype, opts))
+}
+
+/// Whether `path` is on a filesystem mounted with `dax` (persistent memory, preserved
+/// across a kexec when the kernel reserves the same range).
+pub fn is_dax(path: &Path) -> bool {
+    mount_of(path).is_some_and(|(_, opts)| opts.split(',').any(|o| o == "dax" || o == "dax=always"))
+}
+
+/// Whether `path` is on a filesystem that lives in RAM (tmpfs, ramfs) and is gone after
+/// a kexec.
+pub fn is_volatile(path: &Path) -> bool {
+    mount_of(path).is_some_and(|(fstype, _)| fstype == "tmpfs" || fstype == "ramfs")
 }
 
 fn unescape(s: &str) -> String {
@@ -186,6 +212,14 @@ mod tests {
         assert_eq!(vms.len(), 1);
         assert_eq!(vms[0].state, VmState::Stopped);
         assert!(!vms[0].survives_host_reset);
+    }
+
+    #[test]
+    fn filesystems_in_ram_are_volatile() {
+        if std::path::Path::new("/dev/shm").is_dir() {
+            assert!(is_volatile(Path::new("/dev/shm/not-yet-created.img")));
+        }
+        assert!(!is_volatile(Path::new("/proc/self")));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub enum HostError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{count} VM(s) keep their memory where a host reset does not preserve it: {names}; move them to a DAX state root or pass --force to lose them")]
+    #[error("{count} VM(s) keep their memory or a disk where a host reset does not preserve it: {names}; move the memory to a DAX filesystem and the disks off tmpfs, or pass --force to lose those VMs")]
     NotResettable { count: usize, names: String },
     #[error("saving VM {id} failed: {reason}")]
     Save { id: String, reason: String },

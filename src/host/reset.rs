@@ -46,7 +46,10 @@ pub fn save_all(root: &Path, force: bool) -> Result<Vec<SavedVm>, HostError> {
     if !lost.is_empty() && !force {
         let names = lost
             .iter()
-            .map(|v| format!("{} ({})", v.id, v.memory))
+            .map(|v| {
+                let why = v.host_reset_blocker.as_deref().unwrap_or("unknown reason");
+                format!("{} ({why})", v.id)
+            })
             .collect::<Vec<_>>();
         return Err(HostError::NotResettable {
             count: lost.len(),

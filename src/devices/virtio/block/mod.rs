@@ -18,6 +18,7 @@ pub mod request;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +72,11 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "disk file {path} is in use by another VMM (it holds the file's lock); a disk may be \
+         shared only read-only (readonly=on everywhere)"
+    )]
+    InUse { path: PathBuf },
     #[error("disk {path} is neither a regular file nor a block device")]
     NotADisk { path: PathBuf },
     #[error("cannot find the size of disk file {path}")]
@@ -134,6 +140,18 @@ impl Block {
             .file_type();
         if !file_type.is_file() && !file_type.is_block_device() {
             return Err(BlockError::NotADisk { path });
+        }
+        // Two guests writing one disk corrupt it: a writable disk takes the file's lock
+        // exclusively, a read-only one shared. The lock goes with the descriptor, so a
+        // live update (which closes it on execve) hands it to the new process.
+        let mode = if config.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own has no memory-safety requirements.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+            return Err(BlockError::InUse { path });
         }
         // Seeking to the end also sizes a host block device, whose metadata length is 0.
         let size = file

@@ -127,9 +127,8 @@ fn config_space_reports_whole_sectors_and_seg_max() {
 
 #[test]
 fn read_only_is_offered_only_for_a_read_only_disk() {
-    let file = disk_file(1, 0);
-    let rw = Block::open(&config(&file, false)).unwrap();
-    let ro = Block::open(&config(&file, true)).unwrap();
+    let rw = Block::open(&config(&disk_file(1, 0), false)).unwrap();
+    let ro = Block::open(&config(&disk_file(1, 0), true)).unwrap();
     for block in [&rw, &ro] {
         let f = block.features();
         assert_ne!(f & FEATURE_VERSION_1, 0);
@@ -338,6 +337,12 @@ fn a_write_in_flight_at_a_snapshot_reaches_the_disk_after_restore() {
     // Published as the VM paused: saved, but never processed by the old VMM.
     r.queue(VIRTIO_BLK_T_OUT, 7, &[(DATA, 512, false)]);
     let state = r.t.save();
+    // The old VMM is gone (and with it the disk's lock) before the new one restores.
+    let scratch = Block::open(&config(&disk_file(1, 0), false)).unwrap();
+    drop(std::mem::replace(
+        &mut r.t,
+        MmioTransport::new(scratch, r.mem.clone(), r.irq.clone()),
+    ));
 
     let block = Block::restore(&config(&r.file, false), &block_state).unwrap();
     let mut t = MmioTransport::restore(block, r.mem.clone(), r.irq.clone(), &state).unwrap();
@@ -384,4 +389,31 @@ fn open_refuses_a_missing_file_a_directory_and_a_long_id() {
     let mut long = config(&file, false);
     long.id = "x".repeat(21);
     assert!(matches!(Block::open(&long), Err(BlockError::Id { .. })));
+}
+
+#[test]
+fn a_writable_disk_is_locked_against_every_other_user() {
+    let file = disk_file(8, 0);
+    let first = Block::open(&config(&file, false)).unwrap();
+    for read_only in [false, true] {
+        let err = Block::open(&config(&file, read_only)).err();
+        assert!(
+            matches!(err, Some(BlockError::InUse { .. })),
+            "second open (read_only {read_only}) gave {err:?}"
+        );
+    }
+    drop(first);
+    Block::open(&config(&file, false)).unwrap();
+}
+
+#[test]
+fn read_only_users_share_a_disk_but_keep_writers_out() {
+    let file = disk_file(8, 0);
+    let a = Block::open(&config(&file, true)).unwrap();
+    let b = Block::open(&config(&file, true)).unwrap();
+    assert!(matches!(
+        Block::open(&config(&file, false)),
+        Err(BlockError::InUse { .. })
+    ));
+    drop((a, b));
 }

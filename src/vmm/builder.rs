@@ -132,7 +132,7 @@ fn assemble(
 ) -> Result<(VmFd, Devices, Vec<Vcpu>), VmmError> {
     let vm = vm::create_vm(kvm, ram.memory())?;
     let entry = load_guest(config, checked, ram)?;
-    let devices = Devices::create(&vm, ram.memory(), config, None)?;
+    let devices = Devices::create(&vm, ram.memory(), config, None, Vec::new())?;
     let vcpus = create_vcpus(kvm, &vm, ram, config.cpus, entry)?;
     state_dir.write_config(config)?;
     Ok((vm, devices, vcpus))
@@ -202,7 +202,10 @@ fn guest_cmdline(config: &VmConfig) -> String {
     let mut cmdline = config.cmdline.clone();
     if config.virtio_discovery == VirtioDiscovery::Cmdline {
         for (base, gsi) in virtio_slots(config) {
-            let entry = format!("virtio_mmio.device={}K@{base:#x}:{gsi}", VIRTIO_MMIO_SIZE >> 10);
+            let entry = format!(
+                "virtio_mmio.device={}K@{base:#x}:{gsi}",
+                VIRTIO_MMIO_SIZE >> 10
+            );
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }

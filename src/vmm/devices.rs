@@ -1,6 +1,7 @@
 //! The VM's emulated devices as one set: creating them fresh or from saved state,
 //! wiring their interrupts, and reading their state back.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -11,9 +12,9 @@ use super::saved::DevicesState;
 use super::virtio::VirtioDevices;
 use super::VmmError;
 use crate::devices::bus::{lock, MmioBus, PioBus};
-use crate::devices::virtio::Memory;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{output_for, OutputPump, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::Memory;
 
 /// The devices of one VM and the events they signal the event loop with.
 pub struct Devices {
@@ -40,12 +41,13 @@ fn dup(e: &EventFd, what: &'static str) -> Result<EventFd, VmmError> {
 
 impl Devices {
     /// Creates the serial port, the i8042 and the virtio devices of `config`, fresh or
-    /// from `saved`.
+    /// from `saved`; `taps` are tap descriptors a live update handed over (or none).
     pub fn create(
         vm: &VmFd,
         mem: &Memory,
         config: &VmConfig,
         saved: Option<&DevicesState>,
+        taps: Vec<OwnedFd>,
     ) -> Result<Self, VmmError> {
         let serial_mode = &config.serial;
         let serial_irq = new_eventfd("the serial interrupt")?;
@@ -87,6 +89,7 @@ impl Devices {
             mem,
             config,
             saved.map(|s| s.virtio.as_slice()),
+            taps,
             &mut mmio,
         )?;
         Ok(Devices {

@@ -66,7 +66,14 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
         // The snapshot's memory is read into a new memfd and stays as it was, so the
         // snapshot can be restored again.
         let copy = |backend: &MemoryBackend, size| GuestRam::copy_of(&memory_path, backend, size);
-        build_restored(snap, MemoryBackend::Memfd, opts, ApiSource::Bind, copy)?
+        build_restored(
+            snap,
+            MemoryBackend::Memfd,
+            opts,
+            ApiSource::Bind,
+            Vec::new(),
+            copy,
+        )?
     } else {
         let backend = MemoryBackend::File {
             path: memory_path.clone(),
@@ -76,6 +83,7 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
             backend,
             opts,
             ApiSource::Bind,
+            Vec::new(),
             GuestRam::open_existing,
         )?;
         // The guest changes this memory as soon as it runs: the snapshot is consumed.
@@ -102,6 +110,7 @@ pub fn build_restored(
     backend: MemoryBackend,
     opts: &RestoreOptions,
     api: ApiSource,
+    taps: Vec<OwnedFd>,
     map: impl FnOnce(&MemoryBackend, u64) -> Result<GuestRam, super::memory::MemoryError>,
 ) -> Result<Vmm, VmmError> {
     let t = Instant::now();
@@ -166,7 +175,7 @@ pub fn build_restored(
         let vm = vm::create_vm(&kvm, ram.memory())?;
         restore_vm(&vm, &snap.vm)?;
         log::debug!("restore: VM state restored at {:.3} ms", ms(t));
-        let devices = Devices::create(&vm, ram.memory(), &snap.config, Some(&snap.devices))?;
+        let devices = Devices::create(&vm, ram.memory(), &snap.config, Some(&snap.devices), taps)?;
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
             let mut vcpu = Vcpu::new(&vm, state.index)?;
@@ -203,6 +212,11 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
         }
         _ => ApiSource::Bind,
     };
+    let taps = handoff
+        .tap_fds
+        .iter()
+        .map(|fd| dup_cloexec(*fd))
+        .collect::<Result<Vec<_>, _>>()?;
     // The injected failure comes after the descriptors were taken over, like a real
     // restore failure would.
     if std::env::var_os(FAIL_RESTORE_ENV).is_some() && handoff.failure.is_none() {
@@ -222,6 +236,7 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
         handoff.backend.clone(),
         &opts,
         api,
+        taps,
         |backend, size| GuestRam::from_file(memory, backend, size),
     )?;
     // Restored: the originals are no longer needed.

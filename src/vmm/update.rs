@@ -58,6 +58,9 @@ pub struct Handoff {
     pub backend: MemoryBackend,
     pub memory_fd: RawFd,
     pub api_listener_fd: Option<RawFd>,
+    /// The network interfaces' taps, in configuration order: kept attached so that
+    /// frames arriving during the update wait in the tap instead of being dropped.
+    pub tap_fds: Vec<RawFd>,
     /// The binary that was running, opened for a fallback `fexecve`.
     pub fallback_exe_fd: RawFd,
     /// CLOCK_MONOTONIC when the pause began, to measure the blackout across exec.
@@ -79,7 +82,7 @@ pub struct Handoff {
 
 impl Handoff {
     /// Every descriptor the hand-over passes by number.
-    pub fn descriptors(&self) -> impl Iterator<Item = RawFd> {
+    pub fn descriptors(&self) -> impl Iterator<Item = RawFd> + '_ {
         [
             Some(self.memory_fd),
             self.api_listener_fd,
@@ -87,6 +90,7 @@ impl Handoff {
         ]
         .into_iter()
         .flatten()
+        .chain(self.tap_fds.iter().copied())
     }
 }
 

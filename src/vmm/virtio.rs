@@ -11,7 +11,7 @@
 //! raises each device's interrupt, so that a notification that arrived during the pause,
 //! or before a snapshot that is being restored, is not lost.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -69,6 +69,8 @@ pub enum VirtioError {
     },
     #[error("no interrupt line is left for virtio device {0}")]
     NoSlot(usize),
+    #[error("{handed} tap descriptors were handed over for {configured} network interfaces")]
+    HandedTaps { handed: usize, configured: usize },
 }
 
 /// A device's state in a snapshot: its backend and its transport.
@@ -190,12 +192,15 @@ struct Wiring<'a> {
 
 impl VirtioDevices {
     /// Opens every disk and tap of `config` and wires the devices into `vm` and `mmio`,
-    /// fresh or from `saved` (one state per device, in configuration order).
+    /// fresh or from `saved` (one state per device, in configuration order). `taps`, when
+    /// not empty, are the network interfaces' tap descriptors handed over by a live
+    /// update, in configuration order, used instead of opening the taps again.
     pub fn create(
         vm: &VmFd,
         mem: &Memory,
         config: &VmConfig,
         saved: Option<&[VirtioDeviceState]>,
+        taps: Vec<OwnedFd>,
         mmio: &mut MmioBus,
     ) -> Result<Self, VirtioError> {
         let configured = config.disks.len() + config.nets.len();
@@ -214,10 +219,17 @@ impl VirtioDevices {
             let transport = block_transport(&wiring, disk, state, i)?;
             slots.push(place(&wiring, transport, i, mmio)?);
         }
+        if !taps.is_empty() && (taps.len() != config.nets.len() || saved.is_none()) {
+            return Err(VirtioError::HandedTaps {
+                handed: taps.len(),
+                configured: config.nets.len(),
+            });
+        }
+        let mut taps = taps.into_iter();
         for (j, net) in config.nets.iter().enumerate() {
             let i = config.disks.len() + j;
             let state = saved.map(|s| &s[i]);
-            let transport = net_transport(&wiring, net, state, i)?;
+            let transport = net_transport(&wiring, net, state, taps.next(), i)?;
             slots.push(place(&wiring, transport, i, mmio)?);
         }
         Ok(VirtioDevices {
@@ -230,9 +242,24 @@ impl VirtioDevices {
         self.slots.is_empty()
     }
 
+    /// The network interfaces' tap descriptors, in configuration order, for a live
+    /// update to hand over.
+    pub fn tap_fds(&self) -> Vec<RawFd> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &*lock(&s.transport) {
+                Transport::Net(t) => Some(t.device().as_raw_fd()),
+                Transport::Block(_) => None,
+            })
+            .collect()
+    }
+
     /// Every device's state, in configuration order. The VM must be paused.
     pub fn state(&self) -> Vec<VirtioDeviceState> {
-        self.slots.iter().map(|s| lock(&s.transport).state()).collect()
+        self.slots
+            .iter()
+            .map(|s| lock(&s.transport).state())
+            .collect()
     }
 
     /// Flushes every writable disk to stable storage, so that a snapshot (and a host
@@ -305,11 +332,12 @@ fn block_transport(
         Some(VirtioDeviceState::Block { disk, transport }) => {
             let device = Block::restore(config, disk)?;
             let name = device.name().to_string();
-            MmioTransport::restore(device, w.mem.clone(), shared, transport)
-                .map_err(|source| VirtioError::Restore {
+            MmioTransport::restore(device, w.mem.clone(), shared, transport).map_err(|source| {
+                VirtioError::Restore {
                     device: name,
                     source,
-                })?
+                }
+            })?
         }
         Some(other) => {
             return Err(VirtioError::Kind {
@@ -326,6 +354,7 @@ fn net_transport(
     w: &Wiring,
     config: &NetConfig,
     saved: Option<&VirtioDeviceState>,
+    handed_tap: Option<OwnedFd>,
     index: usize,
 ) -> Result<(Transport, EventFdInterrupt), VirtioError> {
     let irq = interrupt(&format!("tap {}", config.tap))?;
@@ -333,13 +362,17 @@ fn net_transport(
     let transport = match saved {
         None => MmioTransport::new(Net::open(config)?, w.mem.clone(), shared),
         Some(VirtioDeviceState::Net { net, transport }) => {
-            let device = Net::restore(config, net)?;
+            let device = match handed_tap {
+                Some(fd) => Net::restore_attached(config, net, fd)?,
+                None => Net::restore(config, net)?,
+            };
             let name = device.name().to_string();
-            MmioTransport::restore(device, w.mem.clone(), shared, transport)
-                .map_err(|source| VirtioError::Restore {
+            MmioTransport::restore(device, w.mem.clone(), shared, transport).map_err(|source| {
+                VirtioError::Restore {
                     device: name,
                     source,
-                })?
+                }
+            })?
         }
         Some(other) => {
             return Err(VirtioError::Kind {
@@ -386,8 +419,7 @@ fn place(
         what,
         source,
     };
-    w.vm
-        .register_irqfd(irq.eventfd(), gsi)
+    w.vm.register_irqfd(irq.eventfd(), gsi)
         .map_err(|e| register("interrupt", e))?;
     let mut queue_evts = Vec::with_capacity(transport.queue_count());
     for queue in 0..transport.queue_count() as u32 {
@@ -397,12 +429,7 @@ fn place(
                 source,
             }
         })?;
-        w.vm
-            .register_ioevent(
-                &evt,
-                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
-                queue,
-            )
+        w.vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY), queue)
             .map_err(|e| register("queue notification", e))?;
         queue_evts.push(evt);
     }

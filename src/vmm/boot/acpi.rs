@@ -272,7 +272,10 @@ fn virtio_device(index: usize, base: u64, gsi: u32) -> Vec<u8> {
         &aml::ResourceTemplate::new(vec![&window, &irq]),
     );
     let name = format!("VR{index:02X}");
-    aml_bytes(&aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]))
+    aml_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![&hid, &uid, &crs],
+    ))
 }
 
 /// The MADT: one enabled local APIC per CPU (APIC ID and processor UID both the vCPU index),
@@ -553,10 +556,18 @@ mod tests {
         assert!(contains(b"VR00") && contains(b"VR01"));
         assert_eq!(body.windows(9).filter(|w| w == b"LNRO0005\0").count(), 2);
         // Memory32Fixed, read-write, base, 4 KiB; then the edge-triggered GSI.
-        assert!(contains(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00]));
-        assert!(contains(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00]));
-        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00]));
-        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x10, 0x00, 0x00, 0x00]));
+        assert!(contains(&[
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00
+        ]));
+        assert!(contains(&[
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00
+        ]));
+        assert!(contains(&[
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00
+        ]));
+        assert!(contains(&[
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x10, 0x00, 0x00, 0x00
+        ]));
         // Without devices the DSDT is COM1 alone.
         assert!(!dsdt_body(&[]).windows(8).any(|w| w == b"LNRO0005"));
     }

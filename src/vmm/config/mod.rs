@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 pub mod devices;
 
-pub use devices::VirtioDiscovery;
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::NetConfig;
+pub use devices::VirtioDiscovery;
 
 /// Default kernel command line for Linux guests: console on the first UART, reboot by
 /// the keyboard controller (the VMM has no ACPI yet), and reboot at once on panic so a

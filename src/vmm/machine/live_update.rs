@@ -71,6 +71,7 @@ impl Machine {
         ]
         .into_iter()
         .flatten()
+        .chain(self.devices.virtio.tap_fds())
         {
             let _ = update::set_cloexec(fd, true);
         }
@@ -124,6 +125,7 @@ impl Machine {
             backend: self.ram.backend().clone(),
             memory_fd: self.ram.file().as_raw_fd(),
             api_listener_fd: self.api_listener_fd,
+            tap_fds: self.devices.virtio.tap_fds(),
             fallback_exe_fd: exe.as_raw_fd(),
             pause_started_ns,
             generation: self.generation,

@@ -47,7 +47,7 @@ mod rx;
 pub mod tap;
 mod tx;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -175,6 +175,19 @@ impl Net {
     pub fn restore(config: &NetConfig, state: &NetState) -> Result<Self, NetError> {
         check_matches(config, state)?;
         let mut net = Self::open(config)?;
+        net.counters = state.counters;
+        Ok(net)
+    }
+
+    /// Like [`Net::restore`], on a tap descriptor the previous process handed over.
+    pub fn restore_attached(
+        config: &NetConfig,
+        state: &NetState,
+        tap: OwnedFd,
+    ) -> Result<Self, NetError> {
+        check_matches(config, state)?;
+        let tap = Tap::from_attached(&config.tap, tap)?;
+        let mut net = Self::with_backend(config, Box::new(tap));
         net.counters = state.counters;
         Ok(net)
     }

@@ -97,6 +97,51 @@ impl Tap {
         })
     }
 
+    /// Takes over a descriptor that is already attached to the tap `name`: one handed
+    /// over by the previous process in a live update, so that no frame is dropped while
+    /// the tap would have had no reader. Checks with TUNGETIFF that it is that tap.
+    pub fn from_attached(name: &str, fd: OwnedFd) -> Result<Self, TapError> {
+        // SAFETY: ifreq is plain old data; all zeros is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one ifreq, which `ifr` is, alive for the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
+            return Err(TapError::Setup {
+                name: name.to_string(),
+                step: "take over the handed-over descriptor (TUNGETIFF)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let attached: Vec<u8> = ifr
+            .ifr_name
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
+        // SAFETY: TUNGETIFF filled the flags member of the union.
+        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+        if attached != name.as_bytes() || flags & libc::IFF_TAP == 0 {
+            return Err(TapError::Setup {
+                name: name.to_string(),
+                step: "take over the handed-over descriptor",
+                source: io::Error::other(format!(
+                    "it is attached to {}, not to this tap",
+                    String::from_utf8_lossy(&attached)
+                )),
+            });
+        }
+        // The flags (non-blocking) belong to the open file, which the previous process
+        // shared; set them again all the same.
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Ok(Self {
+            fd,
+            name: name.to_string(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

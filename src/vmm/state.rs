@@ -65,6 +65,61 @@ pub enum StateError {
     XsaveFeatures { index: u8, missing: u64 },
     #[error("the saved CPUID of vCPU {index} has {count} entries, over KVM's limit")]
     CpuidTooLong { index: u8, count: usize },
+    #[error(
+        "vCPU {index} ran with a {saved} kHz TSC, this host's KVM runs vCPUs at {host} kHz and \
+         cannot scale (set TSC frequency: {source}); more than {TSC_TOLERANCE_PERCENT}% apart, \
+         the guest's timekeeping would be off too far"
+    )]
+    TscFrequency {
+        index: u8,
+        saved: u32,
+        host: u32,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// How far apart (in percent) a saved and a host TSC frequency may be when the host
+/// cannot scale the guest's TSC: within it the restore goes on at the host's rate.
+pub const TSC_TOLERANCE_PERCENT: u32 = 10;
+
+/// Gives a restored vCPU its saved TSC frequency. A host that cannot scale TSCs refuses
+/// any frequency but its own (beyond KVM's 250 ppm tolerance). After a kexec the new
+/// kernel calibrates the host TSC anew and may land a little off the old value; refusing
+/// the guest for that would lose it, while running its TSC at a rate a fraction of a
+/// percent different only skews TSC-based timekeeping by as much (kvmclock guests keep
+/// correct time: KVM recomputes the kvmclock scale). So within `TSC_TOLERANCE_PERCENT`
+/// the restore goes on with a warning.
+fn restore_tsc_khz(fd: &VcpuFd, index: u8, saved: u32) -> Result<(), StateError> {
+    let host = fd.get_tsc_khz().ok();
+    if host == Some(saved) {
+        return Ok(());
+    }
+    let Err(source) = fd.set_tsc_khz(saved) else {
+        return Ok(());
+    };
+    let Some(host) = host else {
+        return Err(StateError::Vcpu {
+            op: "write",
+            what: "TSC frequency",
+            index,
+            source,
+        });
+    };
+    let apart = u64::from(host.abs_diff(saved)) * 100;
+    if apart > u64::from(saved) * u64::from(TSC_TOLERANCE_PERCENT) {
+        return Err(StateError::TscFrequency {
+            index,
+            saved,
+            host,
+            source,
+        });
+    }
+    log::warn!(
+        "vCPU {index} ran with a {saved} kHz TSC; this host cannot scale TSCs and runs it at \
+         {host} kHz ({:.3}% apart): TSC-based guest timekeeping is off by as much",
+        (f64::from(host) - f64::from(saved)) / f64::from(saved) * 100.0
+    );
+    Ok(())
 }
 
 /// Everything KVM holds for one vCPU.
@@ -316,9 +371,7 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     })?;
     fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
     if let Some(khz) = state.tsc_khz {
-        if fd.get_tsc_khz().ok() != Some(khz) {
-            fd.set_tsc_khz(khz).map_err(set("TSC frequency"))?;
-        }
+        restore_tsc_khz(fd, index, khz)?;
     }
     fd.set_sregs(&state.sregs)
         .map_err(set("special registers"))?;

@@ -18,6 +18,7 @@ use super::machine::{Machine, Vmm};
 use super::memory::{backend_page_size, GuestRam};
 use super::state_dir::StateDir;
 use super::vcpu::Vcpu;
+use super::virtio::HandedOver;
 use super::{vm, VmmError};
 use crate::api::ApiSocket;
 
@@ -132,7 +133,7 @@ fn assemble(
 ) -> Result<(VmFd, Devices, Vec<Vcpu>), VmmError> {
     let vm = vm::create_vm(kvm, ram.memory())?;
     let entry = load_guest(config, checked, ram)?;
-    let devices = Devices::create(&vm, ram.memory(), config, None, Vec::new())?;
+    let devices = Devices::create(&vm, ram.memory(), config, None, HandedOver::default())?;
     let vcpus = create_vcpus(kvm, &vm, ram, config.cpus, entry)?;
     state_dir.write_config(config)?;
     Ok((vm, devices, vcpus))

@@ -26,6 +26,9 @@ impl MachineApi {
 fn status_for(e: &VmmError) -> u16 {
     match e {
         VmmError::SnapshotDir { .. } | VmmError::NotPaused => 400,
+        // A device that cannot be handed over (a deleted tap): the VM's state, not the
+        // request, is the problem.
+        VmmError::Virtio(crate::vmm::virtio::VirtioError::Net(_)) => 409,
         VmmError::Update(UpdateError::NotExecutable { .. } | UpdateError::NotWaterbear { .. }) => {
             400
         }

@@ -1,7 +1,6 @@
 //! The VM's emulated devices as one set: creating them fresh or from saved state,
 //! wiring their interrupts, and reading their state back.
 
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -9,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::config::VmConfig;
 use super::saved::DevicesState;
-use super::virtio::VirtioDevices;
+use super::virtio::{HandedOver, VirtioDevices};
 use super::VmmError;
 use crate::devices::bus::{lock, MmioBus, PioBus};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -41,13 +40,13 @@ fn dup(e: &EventFd, what: &'static str) -> Result<EventFd, VmmError> {
 
 impl Devices {
     /// Creates the serial port, the i8042 and the virtio devices of `config`, fresh or
-    /// from `saved`; `taps` are tap descriptors a live update handed over (or none).
+    /// from `saved`; `handed` holds descriptors a live update handed over (or none).
     pub fn create(
         vm: &VmFd,
         mem: &Memory,
         config: &VmConfig,
         saved: Option<&DevicesState>,
-        taps: Vec<OwnedFd>,
+        handed: HandedOver,
     ) -> Result<Self, VmmError> {
         let serial_mode = &config.serial;
         let serial_irq = new_eventfd("the serial interrupt")?;
@@ -89,7 +88,7 @@ impl Devices {
             mem,
             config,
             saved.map(|s| s.virtio.as_slice()),
-            taps,
+            handed,
             &mut mmio,
         )?;
         Ok(Devices {

@@ -22,6 +22,7 @@ use super::state::{check_host_compat, restore_vm, xsave_size};
 use super::state_dir::StateDir;
 use super::update::{Handoff, FAIL_RESTORE_ENV};
 use super::vcpu::Vcpu;
+use super::virtio::HandedOver;
 use super::{vm, VmmError};
 use crate::api::ApiSocket;
 
@@ -71,7 +72,7 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
             MemoryBackend::Memfd,
             opts,
             ApiSource::Bind,
-            Vec::new(),
+            HandedOver::default(),
             copy,
         )?
     } else {
@@ -83,7 +84,7 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
             backend,
             opts,
             ApiSource::Bind,
-            Vec::new(),
+            HandedOver::default(),
             GuestRam::open_existing,
         )?;
         // The guest changes this memory as soon as it runs: the snapshot is consumed.
@@ -110,7 +111,7 @@ pub fn build_restored(
     backend: MemoryBackend,
     opts: &RestoreOptions,
     api: ApiSource,
-    taps: Vec<OwnedFd>,
+    handed: HandedOver,
     map: impl FnOnce(&MemoryBackend, u64) -> Result<GuestRam, super::memory::MemoryError>,
 ) -> Result<Vmm, VmmError> {
     let t = Instant::now();
@@ -175,7 +176,8 @@ pub fn build_restored(
         let vm = vm::create_vm(&kvm, ram.memory())?;
         restore_vm(&vm, &snap.vm)?;
         log::debug!("restore: VM state restored at {:.3} ms", ms(t));
-        let devices = Devices::create(&vm, ram.memory(), &snap.config, Some(&snap.devices), taps)?;
+        let devices =
+            Devices::create(&vm, ram.memory(), &snap.config, Some(&snap.devices), handed)?;
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
             let mut vcpu = Vcpu::new(&vm, state.index)?;
@@ -212,11 +214,15 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
         }
         _ => ApiSource::Bind,
     };
-    let taps = handoff
-        .tap_fds
-        .iter()
-        .map(|fd| dup_cloexec(*fd))
-        .collect::<Result<Vec<_>, _>>()?;
+    let dup_all = |fds: &[std::os::fd::RawFd]| {
+        fds.iter()
+            .map(|fd| dup_cloexec(*fd))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let handed = HandedOver {
+        disks: dup_all(&handoff.disk_fds)?,
+        taps: dup_all(&handoff.tap_fds)?,
+    };
     // The injected failure comes after the descriptors were taken over, like a real
     // restore failure would.
     if std::env::var_os(FAIL_RESTORE_ENV).is_some() && handoff.failure.is_none() {
@@ -236,7 +242,7 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
         handoff.backend.clone(),
         &opts,
         api,
-        taps,
+        handed,
         |backend, size| GuestRam::from_file(memory, backend, size),
     )?;
     // Restored: the originals are no longer needed.

@@ -61,6 +61,9 @@ pub struct Handoff {
     /// The network interfaces' taps, in configuration order: kept attached so that
     /// frames arriving during the update wait in the tap instead of being dropped.
     pub tap_fds: Vec<RawFd>,
+    /// The disks, in configuration order: the same files (even renamed or deleted since)
+    /// with their locks held throughout.
+    pub disk_fds: Vec<RawFd>,
     /// The binary that was running, opened for a fallback `fexecve`.
     pub fallback_exe_fd: RawFd,
     /// CLOCK_MONOTONIC when the pause began, to measure the blackout across exec.
@@ -91,6 +94,7 @@ impl Handoff {
         .into_iter()
         .flatten()
         .chain(self.tap_fds.iter().copied())
+        .chain(self.disk_fds.iter().copied())
     }
 }
 

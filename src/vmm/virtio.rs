@@ -12,6 +12,7 @@
 //! or before a snapshot that is being restored, is not lost.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::config::VmConfig;
 use super::layout::{virtio_slot, VIRTIO_MMIO_SIZE};
+use super::memory::saved_marker;
 use crate::devices::bus::{lock, MmioBus, MmioDevice};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockState};
 use crate::devices::virtio::mmio::{reg, MmioTransport, MmioTransportState, RestoreError};
@@ -69,8 +71,23 @@ pub enum VirtioError {
     },
     #[error("no interrupt line is left for virtio device {0}")]
     NoSlot(usize),
-    #[error("{handed} tap descriptors were handed over for {configured} network interfaces")]
-    HandedTaps { handed: usize, configured: usize },
+    #[error(
+        "{disks} disk and {taps} tap descriptors were handed over for {configured_disks} \
+         disks and {configured_taps} network interfaces"
+    )]
+    HandedOver {
+        disks: usize,
+        taps: usize,
+        configured_disks: usize,
+        configured_taps: usize,
+    },
+    #[error(
+        "disk file {path} holds a saved VM's memory (it has a .waterbear-saved marker); \
+         restore or remove that VM first"
+    )]
+    SavedMemory { path: PathBuf },
+    #[error("disks {first} and {second} are the same file; give each disk its own file")]
+    SameFile { first: PathBuf, second: PathBuf },
 }
 
 /// A device's state in a snapshot: its backend and its transport.
@@ -170,6 +187,39 @@ impl MmioDevice for Transport {
     }
 }
 
+/// Descriptors a live update handed over, each in configuration order.
+#[derive(Default)]
+pub struct HandedOver {
+    pub disks: Vec<OwnedFd>,
+    pub taps: Vec<OwnedFd>,
+}
+
+/// Refuses two disks on one file under different names (a symlink, a hard link): the
+/// guest would see two disks whose writes land on each other.
+fn check_distinct_files(slots: &[Slot]) -> Result<(), VirtioError> {
+    let mut seen: Vec<((u64, u64), PathBuf)> = Vec::new();
+    for slot in slots {
+        let Transport::Block(t) = &*lock(&slot.transport) else {
+            continue;
+        };
+        let disk = t.device();
+        // SAFETY: fstat fills a stat buffer for a descriptor the device owns.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(disk.file_fd(), &mut st) } != 0 {
+            continue;
+        }
+        let key = (st.st_dev, st.st_ino);
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(VirtioError::SameFile {
+                first: first.clone(),
+                second: disk.path().to_path_buf(),
+            });
+        }
+        seen.push((key, disk.path().to_path_buf()));
+    }
+    Ok(())
+}
+
 /// A device as placed in the VM.
 struct Slot {
     transport: Arc<Mutex<Transport>>,
@@ -192,15 +242,15 @@ struct Wiring<'a> {
 
 impl VirtioDevices {
     /// Opens every disk and tap of `config` and wires the devices into `vm` and `mmio`,
-    /// fresh or from `saved` (one state per device, in configuration order). `taps`, when
-    /// not empty, are the network interfaces' tap descriptors handed over by a live
-    /// update, in configuration order, used instead of opening the taps again.
+    /// fresh or from `saved` (one state per device, in configuration order). `handed`,
+    /// when not empty, holds the descriptors a live update handed over, used instead of
+    /// opening the disks and taps again.
     pub fn create(
         vm: &VmFd,
         mem: &Memory,
         config: &VmConfig,
         saved: Option<&[VirtioDeviceState]>,
-        taps: Vec<OwnedFd>,
+        handed: HandedOver,
         mmio: &mut MmioBus,
     ) -> Result<Self, VirtioError> {
         let configured = config.disks.len() + config.nets.len();
@@ -213,19 +263,28 @@ impl VirtioDevices {
             }
         }
         let wiring = Wiring { vm, mem };
+        let handed_any = !handed.disks.is_empty() || !handed.taps.is_empty();
+        if handed_any
+            && (handed.disks.len() != config.disks.len()
+                || handed.taps.len() != config.nets.len()
+                || saved.is_none())
+        {
+            return Err(VirtioError::HandedOver {
+                disks: handed.disks.len(),
+                taps: handed.taps.len(),
+                configured_disks: config.disks.len(),
+                configured_taps: config.nets.len(),
+            });
+        }
+        let mut disks = handed.disks.into_iter();
         let mut slots = Vec::with_capacity(configured);
         for (i, disk) in config.disks.iter().enumerate() {
             let state = saved.map(|s| &s[i]);
-            let transport = block_transport(&wiring, disk, state, i)?;
+            let transport = block_transport(&wiring, disk, state, disks.next(), i)?;
             slots.push(place(&wiring, transport, i, mmio)?);
         }
-        if !taps.is_empty() && (taps.len() != config.nets.len() || saved.is_none()) {
-            return Err(VirtioError::HandedTaps {
-                handed: taps.len(),
-                configured: config.nets.len(),
-            });
-        }
-        let mut taps = taps.into_iter();
+        check_distinct_files(&slots)?;
+        let mut taps = handed.taps.into_iter();
         for (j, net) in config.nets.iter().enumerate() {
             let i = config.disks.len() + j;
             let state = saved.map(|s| &s[i]);
@@ -242,16 +301,29 @@ impl VirtioDevices {
         self.slots.is_empty()
     }
 
-    /// The network interfaces' tap descriptors, in configuration order, for a live
+    /// The disks' and the taps' descriptors, each in configuration order, for a live
     /// update to hand over.
-    pub fn tap_fds(&self) -> Vec<RawFd> {
-        self.slots
-            .iter()
-            .filter_map(|s| match &*lock(&s.transport) {
-                Transport::Net(t) => Some(t.device().as_raw_fd()),
-                Transport::Block(_) => None,
-            })
-            .collect()
+    pub fn handover_fds(&self) -> (Vec<RawFd>, Vec<RawFd>) {
+        let (mut disks, mut taps) = (Vec::new(), Vec::new());
+        for slot in &self.slots {
+            match &*lock(&slot.transport) {
+                Transport::Block(t) => disks.push(t.device().file_fd()),
+                Transport::Net(t) => taps.push(t.device().as_raw_fd()),
+            }
+        }
+        (disks, taps)
+    }
+
+    /// Checks that every tap is still there, so that a live update does not hand over a
+    /// tap whose interface was deleted (the new process could not use it, and neither
+    /// could a fallback: the guest would be lost).
+    pub fn check_taps(&self) -> Result<(), VirtioError> {
+        for slot in &self.slots {
+            if let Transport::Net(t) = &*lock(&slot.transport) {
+                t.device().check_attached()?;
+            }
+        }
+        Ok(())
     }
 
     /// Every device's state, in configuration order. The VM must be paused.
@@ -323,14 +395,25 @@ fn block_transport(
     w: &Wiring,
     config: &BlockConfig,
     saved: Option<&VirtioDeviceState>,
+    handed: Option<OwnedFd>,
     index: usize,
 ) -> Result<(Transport, EventFdInterrupt), VirtioError> {
+    // A saved VM's memory file (its marker says so) is no disk: writing it would destroy
+    // that VM. A running VM's memory file is refused by its lock.
+    if !config.read_only && saved_marker(&config.path).exists() {
+        return Err(VirtioError::SavedMemory {
+            path: config.path.clone(),
+        });
+    }
     let irq = interrupt(&format!("disk {}", config.id))?;
     let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, &config.id)?);
     let transport = match saved {
         None => MmioTransport::new(Block::open(config)?, w.mem.clone(), shared),
         Some(VirtioDeviceState::Block { disk, transport }) => {
-            let device = Block::restore(config, disk)?;
+            let device = match handed {
+                Some(fd) => Block::restore_handed_over(config, disk, fd)?,
+                None => Block::restore(config, disk)?,
+            };
             let name = device.name().to_string();
             MmioTransport::restore(device, w.mem.clone(), shared, transport).map_err(|source| {
                 VirtioError::Restore {

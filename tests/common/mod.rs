@@ -395,3 +395,101 @@ pub fn tree_with_bytes(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
         })
         .collect()
 }
+
+// ---- Helpers for tests with virtio devices: skipping loudly, private network
+// ---- namespaces with their own taps, a process's open files.
+
+/// Writes `SKIPPED: <reason>` straight to stderr (past the test harness's output
+/// capture), in one write so that the line stays whole.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// Why taps in a private network namespace cannot be made here, if they cannot: creating
+/// the namespace and its taps needs root, `/dev/net/tun` and the `ip` command.
+pub fn netns_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root (private network namespaces and taps need it)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun does not exist".into());
+    }
+    let ip_found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join("ip").is_file()))
+        .unwrap_or(false);
+    if !ip_found {
+        return Some("the `ip` command (iproute2) is not installed".into());
+    }
+    None
+}
+
+/// Runs `f` on a new thread that first moves into a new, empty network namespace
+/// (`unshare(CLONE_NEWNET)` moves only the calling thread; the processes it starts
+/// inherit the namespace). Taps made there never touch the host's interfaces and vanish
+/// with the namespace once the thread and its processes are gone, whatever happens.
+/// `Err` says why there is no such namespace; a panic in `f` is passed on.
+pub fn in_private_netns<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if let Some(reason) = netns_unavailable() {
+        return Err(reason);
+    }
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare only takes flags; CLONE_NEWNET moves just this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("unshare(CLONE_NEWNET) failed: {e}"));
+        }
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
+        let host = std::fs::read_link("/proc/self/ns/net").map_err(|e| e.to_string())?;
+        if ours == host {
+            return Err("the thread is still in the process's network namespace".into());
+        }
+        Ok(f())
+    });
+    thread
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Runs `ip ARGS...` (in the calling thread's network namespace) and panics unless it
+/// succeeds.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Creates the persistent tap `name` in the calling thread's network namespace, which
+/// must be a private one (see [`in_private_netns`]).
+pub fn add_tap(name: &str) {
+    let ours = std::fs::read_link("/proc/thread-self/ns/net").expect("thread netns");
+    let host = std::fs::read_link("/proc/self/ns/net").expect("process netns");
+    assert_ne!(
+        ours, host,
+        "refusing to create a tap in the host's namespace"
+    );
+    ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+}
+
+/// What each open descriptor of process `pid` points at (`/proc/PID/fd/*`).
+pub fn open_files(pid: u32) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    out.sort();
+    out
+}

@@ -25,6 +25,15 @@ pub enum VirtioDiscovery {
     Cmdline,
 }
 
+impl std::fmt::Display for VirtioDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VirtioDiscovery::Acpi => "acpi",
+            VirtioDiscovery::Cmdline => "cmdline",
+        })
+    }
+}
+
 impl FromStr for VirtioDiscovery {
     type Err = ConfigError;
 

@@ -54,7 +54,7 @@ pub enum ConfigError {
     },
     #[error("{what} '{value}' is used twice")]
     Duplicate { what: &'static str, value: String },
-    #[error("{count} virtio devices requested; at most {max} fit with {discovery:?} discovery (one interrupt line each)")]
+    #[error("{count} virtio devices requested; at most {max} fit with --virtio-discovery {discovery} (one interrupt line each)")]
     TooManyDevices {
         count: usize,
         max: usize,

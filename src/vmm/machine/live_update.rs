@@ -46,6 +46,9 @@ impl Machine {
                     source,
                 })?,
         };
+        // A tap whose interface was deleted cannot be handed over; refuse now, with the
+        // guest untouched, rather than lose it in the new process.
+        self.devices.virtio.check_taps()?;
         update::check_binary(&binary)?;
         self.pending_update = Some(binary.clone());
         self.exit.request(GuestExit::UpdateRequested);
@@ -62,6 +65,7 @@ impl Machine {
             };
         };
         let was_paused = self.paused;
+        let (disk_fds, tap_fds) = self.devices.virtio.handover_fds();
         let err = self.try_exec(&binary, was_paused);
         // Still here: execve failed. Take the descriptors back and let the guest run.
         for fd in [
@@ -71,7 +75,8 @@ impl Machine {
         ]
         .into_iter()
         .flatten()
-        .chain(self.devices.virtio.tap_fds())
+        .chain(disk_fds)
+        .chain(tap_fds)
         {
             let _ = update::set_cloexec(fd, true);
         }
@@ -120,12 +125,14 @@ impl Machine {
             };
         };
         let (log_level, log_file) = crate::logger::settings();
+        let (disk_fds, tap_fds) = self.devices.virtio.handover_fds();
         let handoff = Handoff {
             snapshot,
             backend: self.ram.backend().clone(),
             memory_fd: self.ram.file().as_raw_fd(),
             api_listener_fd: self.api_listener_fd,
-            tap_fds: self.devices.virtio.tap_fds(),
+            tap_fds,
+            disk_fds,
             fallback_exe_fd: exe.as_raw_fd(),
             pause_started_ns,
             generation: self.generation,

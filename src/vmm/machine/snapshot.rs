@@ -38,6 +38,7 @@ impl Machine {
     /// memfd), and resumes it unless `keep_paused`.
     pub fn snapshot(&mut self, dir: &Path, keep_paused: bool) -> Result<SnapshotReport, VmmError> {
         let t = Instant::now();
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|source| VmmError::SnapshotDir {
             path: dir.into(),
             source,
@@ -53,6 +54,10 @@ impl Machine {
         let (memory, header_len) = match result {
             Ok(v) => v,
             Err(e) => {
+                if created {
+                    // Only if still empty: a failed snapshot leaves nothing behind.
+                    let _ = std::fs::remove_dir(&dir);
+                }
                 if !was_paused {
                     self.resume()?;
                 }

@@ -18,8 +18,8 @@ pub mod request;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -103,6 +103,15 @@ pub enum BlockError {
     },
 }
 
+fn check_id(config: &BlockConfig) -> Result<(), BlockError> {
+    if !config.id.is_ascii() || config.id.len() > ID_BYTES {
+        return Err(BlockError::Id {
+            id: config.id.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// A virtio-blk device.
 pub struct Block {
     name: String,
@@ -117,20 +126,32 @@ impl Block {
     /// Opens the disk file (read-only when the config says so) and sizes the disk from it:
     /// whole 512-byte sectors; a partial last sector is not part of the disk.
     pub fn open(config: &BlockConfig) -> Result<Self, BlockError> {
-        if !config.id.is_ascii() || config.id.len() > ID_BYTES {
-            return Err(BlockError::Id {
-                id: config.id.clone(),
-            });
-        }
+        check_id(config)?;
         let path = config.path.clone();
-        let mut file = OpenOptions::new()
+        // O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer; the
+        // type check below refuses it. Regular files and block devices ignore the flag
+        // for I/O.
+        let file = OpenOptions::new()
             .read(true)
             .write(!config.read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .map_err(|source| BlockError::Open {
                 path: path.clone(),
                 source,
             })?;
+        Self::from_file(config, file)
+    }
+
+    /// Takes over the disk's descriptor from the process before a live update: the same
+    /// file (even if it was renamed or deleted meanwhile) with its lock still held.
+    pub fn from_handed_over(config: &BlockConfig, fd: OwnedFd) -> Result<Self, BlockError> {
+        check_id(config)?;
+        Self::from_file(config, File::from(fd))
+    }
+
+    fn from_file(config: &BlockConfig, mut file: File) -> Result<Self, BlockError> {
+        let path = config.path.clone();
         let file_type = file
             .metadata()
             .map_err(|source| BlockError::Size {
@@ -142,8 +163,8 @@ impl Block {
             return Err(BlockError::NotADisk { path });
         }
         // Two guests writing one disk corrupt it: a writable disk takes the file's lock
-        // exclusively, a read-only one shared. The lock goes with the descriptor, so a
-        // live update (which closes it on execve) hands it to the new process.
+        // exclusively, a read-only one shared. The lock belongs to the open file, so a
+        // live update, which hands the descriptor over, keeps it.
         let mode = if config.read_only {
             libc::LOCK_SH
         } else {
@@ -165,7 +186,21 @@ impl Block {
 
     /// Opens the disk for a restore and checks it is the disk `state` was saved with.
     pub fn restore(config: &BlockConfig, state: &BlockState) -> Result<Self, BlockError> {
-        let block = Self::open(config)?;
+        Self::open(config)?.matching(config, state)
+    }
+
+    /// [`Block::from_handed_over`] for a live update's restore, with the checks of
+    /// [`Block::restore`].
+    pub fn restore_handed_over(
+        config: &BlockConfig,
+        state: &BlockState,
+        fd: OwnedFd,
+    ) -> Result<Self, BlockError> {
+        Self::from_handed_over(config, fd)?.matching(config, state)
+    }
+
+    fn matching(self, config: &BlockConfig, state: &BlockState) -> Result<Self, BlockError> {
+        let block = self;
         let now = block.state();
         let mismatch = |what, saved: &dyn ToString, actual: &dyn ToString| BlockError::Mismatch {
             path: config.path.clone(),
@@ -187,6 +222,11 @@ impl Block {
             return Err(mismatch("the id", &state.id, &now.id));
         }
         Ok(block)
+    }
+
+    /// The open disk file, for a live update to hand over.
+    pub fn file_fd(&self) -> std::os::fd::RawFd {
+        self.disk.file.as_raw_fd()
     }
 
     fn with_file(config: &BlockConfig, file: File, capacity_sectors: u64) -> Self {

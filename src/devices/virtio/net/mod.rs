@@ -192,6 +192,12 @@ impl Net {
         Ok(net)
     }
 
+    /// Fails when the tap interface this device is attached to was deleted meanwhile.
+    pub fn check_attached(&self) -> Result<(), NetError> {
+        tap::check_attached(self.backend.as_raw_fd(), &self.config.tap)?;
+        Ok(())
+    }
+
     pub fn state(&self) -> NetState {
         NetState {
             tap: self.config.tap.clone(),

@@ -101,34 +101,7 @@ impl Tap {
     /// over by the previous process in a live update, so that no frame is dropped while
     /// the tap would have had no reader. Checks with TUNGETIFF that it is that tap.
     pub fn from_attached(name: &str, fd: OwnedFd) -> Result<Self, TapError> {
-        // SAFETY: ifreq is plain old data; all zeros is a valid value.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        // SAFETY: TUNGETIFF writes one ifreq, which `ifr` is, alive for the call.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
-            return Err(TapError::Setup {
-                name: name.to_string(),
-                step: "take over the handed-over descriptor (TUNGETIFF)",
-                source: io::Error::last_os_error(),
-            });
-        }
-        let attached: Vec<u8> = ifr
-            .ifr_name
-            .iter()
-            .take_while(|c| **c != 0)
-            .map(|c| *c as u8)
-            .collect();
-        // SAFETY: TUNGETIFF filled the flags member of the union.
-        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
-        if attached != name.as_bytes() || flags & libc::IFF_TAP == 0 {
-            return Err(TapError::Setup {
-                name: name.to_string(),
-                step: "take over the handed-over descriptor",
-                source: io::Error::other(format!(
-                    "it is attached to {}, not to this tap",
-                    String::from_utf8_lossy(&attached)
-                )),
-            });
-        }
+        check_attached(fd.as_raw_fd(), name)?;
         // The flags (non-blocking) belong to the open file, which the previous process
         // shared; set them again all the same.
         // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
@@ -162,6 +135,46 @@ impl Backend for Tap {
     fn write_frame(&mut self, frame: &TxFrame<'_>) -> io::Result<usize> {
         backend::writev_frame(self.fd.as_raw_fd(), frame)
     }
+}
+
+/// Checks with TUNGETIFF that `fd` is attached to the tap interface `name`, which still
+/// exists (a deleted interface leaves its descriptors in a bad state, EBADFD).
+pub fn check_attached(fd: RawFd, name: &str) -> Result<(), TapError> {
+    // SAFETY: ifreq is plain old data; all zeros is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one ifreq, which `ifr` is, alive for the call.
+    if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut ifr) } < 0 {
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EBADFD) {
+            return Err(TapError::NotFound {
+                name: name.to_string(),
+            });
+        }
+        return Err(TapError::Setup {
+            name: name.to_string(),
+            step: "check its descriptor is still attached (TUNGETIFF)",
+            source,
+        });
+    }
+    let attached: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+    if attached != name.as_bytes() || flags & libc::IFF_TAP == 0 {
+        return Err(TapError::Setup {
+            name: name.to_string(),
+            step: "check its descriptor is still attached",
+            source: io::Error::other(format!(
+                "it is attached to {}, not to this tap",
+                String::from_utf8_lossy(&attached)
+            )),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses names the kernel would refuse, or would take as a pattern (`%d`) and create.

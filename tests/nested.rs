@@ -141,3 +141,28 @@ fn nested_five_host_resets_in_a_row_keep_linux_guests_running() {
 fn nested_recover_escalates_to_host_reset_and_guests_survive() {
     run_scenario("recover");
 }
+
+#[test]
+fn nested_disk_ext4_data_disk_and_read_only_disk_cmdline_discovery() {
+    run_scenario("disk");
+}
+
+#[test]
+fn nested_net_ping_and_file_transfer_over_tap() {
+    run_scenario("net");
+}
+
+#[test]
+fn nested_disk_writes_acknowledged_survive_restore_live_update_and_host_reset() {
+    run_scenario("disk-restore");
+}
+
+#[test]
+fn nested_net_ping_across_live_updates_loses_few_packets() {
+    run_scenario("net-update");
+}
+
+#[test]
+fn nested_boot_stock_cloud_kernel_finds_virtio_disk_and_net_through_acpi() {
+    run_scenario("boot-stock-virtio");
+}

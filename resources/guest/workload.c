@@ -9,6 +9,9 @@
  *
  *   wb-workload [--fill-mib N] [--seed N] [--verify-every N] [--ticks N] [--interval-ms N]
  *   wb-workload --drain     wait until the console has sent all queued output, then exit
+ *   wb-workload --write-records FILE [--interval-ms N] [--ticks N]
+ *                           the disk writer: numbered records, each made durable with
+ *                           fsync before its WB-DISK-ACK line (see write_records below)
  *
  * --ticks 0 (the default) runs forever. With a finite count the region is also checked
  * after the last tick, and the exit status is 0 only if every check passed.
@@ -31,6 +34,7 @@
 #include <unistd.h>
 
 struct options {
+	const char *records_file;
 	uint64_t fill_mib;
 	uint64_t seed;
 	uint64_t verify_every;
@@ -76,7 +80,8 @@ static void usage_exit(const char *why)
 	fprintf(stderr, "wb-workload: %s\n"
 		"usage: wb-workload [--fill-mib N] [--seed N] [--verify-every N] [--ticks N]"
 		" [--interval-ms N]\n"
-		"       wb-workload --drain\n", why);
+		"       wb-workload --drain\n"
+		"       wb-workload --write-records FILE [--interval-ms N] [--ticks N]\n", why);
 	exit(2);
 }
 
@@ -184,6 +189,11 @@ static void parse_args(int argc, char **argv, struct options *o)
 			o->interval_ms = parse_u64(a, v);
 		else if (strcmp(a, "--drain") == 0)
 			exit(drain());
+		else if (strcmp(a, "--write-records") == 0) {
+			if (v == NULL)
+				usage_exit("missing value");
+			o->records_file = v;
+		}
 		else
 			usage_exit("unknown argument");
 		i++;
@@ -192,12 +202,104 @@ static void parse_args(int argc, char **argv, struct options *o)
 		usage_exit("--fill-mib is larger than 1 TiB");
 }
 
+/*
+ * The disk writer. Record n (from 1) is RECORD_BYTES bytes at offset (n - 1) *
+ * RECORD_BYTES of FILE:
+ *
+ *     "rec " + n as 10 decimal digits + " " + 48 times the letter 'a' + n % 26 + "\n"
+ *
+ * so a test can check every record from the file alone. Each record is written with
+ * pwrite, then fsync'ed, and only after fsync returned is "WB-DISK-ACK n" printed:
+ * every acknowledged record must be on the disk, whatever happens to the VM afterwards
+ * (snapshot, restore in another process, live update, host reset, power cut). The file
+ * is created empty and its directory fsync'ed first, so its name is durable too.
+ *
+ * Pauses of any length are fine: a write or fsync simply takes longer. An error ends
+ * the writer with a WB-DISK-ERROR line and status 1.
+ */
+#define RECORD_BYTES 64
+
+static void make_record(char *rec, uint64_t n)
+{
+	int len = snprintf(rec, RECORD_BYTES + 1, "rec %010" PRIu64 " ",
+			   (uint64_t)(n % 10000000000ULL));
+
+	memset(rec + len, 'a' + (int)(n % 26), RECORD_BYTES - 1 - (size_t)len);
+	rec[RECORD_BYTES - 1] = '\n';
+}
+
+static int fsync_parent_dir(const char *path)
+{
+	char dir[4096];
+	const char *slash = strrchr(path, '/');
+	size_t len = slash == NULL ? 1 : (slash == path ? 1 : (size_t)(slash - path));
+
+	if (len >= sizeof(dir))
+		return -1;
+	if (slash == NULL)
+		dir[0] = '.';
+	else
+		memcpy(dir, path, len);
+	dir[len] = '\0';
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	int ret = fsync(fd);
+	close(fd);
+	return ret;
+}
+
+static int write_records(const struct options *o)
+{
+	char rec[RECORD_BYTES + 1];
+	int fd = open(o->records_file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+
+	if (fd < 0) {
+		emit("WB-DISK-ERROR open %s: %s", o->records_file, strerror(errno));
+		return 1;
+	}
+	if (fsync(fd) != 0 || fsync_parent_dir(o->records_file) != 0) {
+		emit("WB-DISK-ERROR fsync after creating %s: %s", o->records_file, strerror(errno));
+		return 1;
+	}
+	emit("WB-DISK-WRITER file=%s record_bytes=%d interval_ms=%" PRIu64 " records=%" PRIu64,
+	     o->records_file, RECORD_BYTES, o->interval_ms, o->ticks);
+
+	for (uint64_t n = 1; o->ticks == 0 || n <= o->ticks; n++) {
+		make_record(rec, n);
+		off_t off = (off_t)((n - 1) * RECORD_BYTES);
+		size_t done = 0;
+		while (done < RECORD_BYTES) {
+			ssize_t w = pwrite(fd, rec + done, RECORD_BYTES - done, off + (off_t)done);
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w <= 0) {
+				emit("WB-DISK-ERROR write of record %" PRIu64 ": %s", n,
+				     w < 0 ? strerror(errno) : "wrote nothing");
+				return 1;
+			}
+			done += (size_t)w;
+		}
+		if (fsync(fd) != 0) {
+			emit("WB-DISK-ERROR fsync of record %" PRIu64 ": %s", n, strerror(errno));
+			return 1;
+		}
+		emit("WB-DISK-ACK %" PRIu64, n);
+		sleep_ms(o->interval_ms);
+	}
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct options o = {
-		.fill_mib = 32, .seed = 1, .verify_every = 10, .ticks = 0, .interval_ms = 500,
+		.records_file = NULL, .fill_mib = 32, .seed = 1, .verify_every = 10, .ticks = 0,
+		.interval_ms = 500,
 	};
 	parse_args(argc, argv, &o);
+	if (o.records_file != NULL)
+		return write_records(&o);
 
 	size_t bytes = (size_t)o.fill_mib << 20;
 	size_t count = bytes / sizeof(uint64_t);

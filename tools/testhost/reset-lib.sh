@@ -267,7 +267,10 @@ rl_reader() {
     while :; do
         if IFS= read -r line <&3; then
             t=$EPOCHREALTIME
-            line=$carry${line%"$CR"}
+            # Join first, then drop the \r: when a read stopped right after it (the
+            # \n not written yet), the \r is at the end of the carried part.
+            line=$carry$line
+            line=${line%"$CR"}
             carry=""
             echo "${t%.*}${t#*.} $line" >>"$out"
             echo "|$id| $line"

@@ -111,6 +111,15 @@ impl VirtioDeviceState {
             VirtioDeviceState::Net { .. } => "network interface",
         }
     }
+
+    /// The error for this state found where the configuration has a `configured`.
+    fn not_a(&self, index: usize, configured: &'static str) -> VirtioError {
+        VirtioError::Kind {
+            index,
+            saved: self.kind(),
+            configured,
+        }
+    }
 }
 
 /// One device behind its transport.
@@ -405,32 +414,18 @@ fn block_transport(
             path: config.path.clone(),
         });
     }
-    let irq = interrupt(&format!("disk {}", config.id))?;
-    let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, &config.id)?);
     let transport = match saved {
-        None => MmioTransport::new(Block::open(config)?, w.mem.clone(), shared),
+        None => with_interrupt(w, &config.id, None, Block::open(config)?)?,
         Some(VirtioDeviceState::Block { disk, transport }) => {
             let device = match handed {
                 Some(fd) => Block::restore_handed_over(config, disk, fd)?,
                 None => Block::restore(config, disk)?,
             };
-            let name = device.name().to_string();
-            MmioTransport::restore(device, w.mem.clone(), shared, transport).map_err(|source| {
-                VirtioError::Restore {
-                    device: name,
-                    source,
-                }
-            })?
+            with_interrupt(w, &config.id, Some(transport), device)?
         }
-        Some(other) => {
-            return Err(VirtioError::Kind {
-                index,
-                saved: other.kind(),
-                configured: "disk",
-            })
-        }
+        Some(other) => return Err(other.not_a(index, "disk")),
     };
-    Ok((Transport::Block(transport), irq))
+    Ok((Transport::Block(transport.0), transport.1))
 }
 
 fn net_transport(
@@ -440,32 +435,43 @@ fn net_transport(
     handed_tap: Option<OwnedFd>,
     index: usize,
 ) -> Result<(Transport, EventFdInterrupt), VirtioError> {
-    let irq = interrupt(&format!("tap {}", config.tap))?;
-    let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, &config.tap)?);
     let transport = match saved {
-        None => MmioTransport::new(Net::open(config)?, w.mem.clone(), shared),
+        None => with_interrupt(w, &config.tap, None, Net::open(config)?)?,
         Some(VirtioDeviceState::Net { net, transport }) => {
             let device = match handed_tap {
                 Some(fd) => Net::restore_attached(config, net, fd)?,
                 None => Net::restore(config, net)?,
             };
+            with_interrupt(w, &config.tap, Some(transport), device)?
+        }
+        Some(other) => return Err(other.not_a(index, "network interface")),
+    };
+    Ok((Transport::Net(transport.0), transport.1))
+}
+
+/// Puts `device` behind a transport, fresh or restored from `saved`, with a new
+/// interrupt eventfd; returns the transport and the interrupt for `place` to bind.
+fn with_interrupt<D: VirtioDevice>(
+    w: &Wiring,
+    label: &str,
+    saved: Option<&MmioTransportState>,
+    device: D,
+) -> Result<(MmioTransport<D>, EventFdInterrupt), VirtioError> {
+    let irq = interrupt(label)?;
+    let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, label)?);
+    let transport = match saved {
+        None => MmioTransport::new(device, w.mem.clone(), shared),
+        Some(state) => {
             let name = device.name().to_string();
-            MmioTransport::restore(device, w.mem.clone(), shared, transport).map_err(|source| {
+            MmioTransport::restore(device, w.mem.clone(), shared, state).map_err(|source| {
                 VirtioError::Restore {
                     device: name,
                     source,
                 }
             })?
         }
-        Some(other) => {
-            return Err(VirtioError::Kind {
-                index,
-                saved: other.kind(),
-                configured: "network interface",
-            })
-        }
     };
-    Ok((Transport::Net(transport), irq))
+    Ok((transport, irq))
 }
 
 fn interrupt(device: &str) -> Result<EventFdInterrupt, VirtioError> {

@@ -81,6 +81,19 @@ impl Interrupt for EventFdInterrupt {
     }
 }
 
+/// Copies a device's configuration space from `offset` into `data`; bytes past its end
+/// read as zero, as [`VirtioDevice::read_config`] promises.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < space.len() {
+        let n = data.len().min(space.len() - start);
+        data[..n].copy_from_slice(&space[start..start + n]);
+    }
+}
+
 /// A failure to start a device once the driver has set `DRIVER_OK`.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -6,8 +6,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::{ctl_ok, read_console, shm_tempdir, start_builtin_vm, tree_with_bytes, VmProcess};
 
@@ -63,46 +63,12 @@ fn take_snapshot(root: &Path, name: &str, file_backed: bool) -> Saved {
     saved
 }
 
-/// Runs `waterbear restore --from FROM EXTRA...` with its output in `logs`; returns
-/// its exit code and stderr. A restore that is still running after 20 s was accepted:
-/// it is killed and the test fails.
-fn run_restore(logs: &Path, from: &Path, extra: &[&str]) -> (Option<i32>, String) {
-    let err_path = logs.join(format!("restore-{}.stderr", std::process::id()));
-    let mut child = Command::new(common::waterbear())
-        .arg("restore")
-        .arg("--from")
-        .arg(from)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "restore --from {} {extra:?} was accepted and ran: {}",
-                from.display(),
-                read_console(&err_path)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status.code(), read_console(&err_path))
-}
-
 /// Expects `restore --from FROM EXTRA...` to fail with an error containing every one of
 /// `needles`, and every file under `root` to be unchanged, bytes included.
 fn expect_refused(root: &Path, from: &Path, extra: &[&str], needles: &[&str]) {
     let logs = tempfile::tempdir().unwrap();
     let before = tree_with_bytes(root);
-    let (code, stderr) = run_restore(logs.path(), from, extra);
+    let (code, stderr) = common::run_restore(logs.path(), from, extra);
     assert!(
         code.is_some_and(|c| c != 0),
         "restore --from {} was accepted (exit {code:?}): {stderr}",
@@ -366,7 +332,7 @@ fn restore_rejects_a_second_restore_of_a_snapshot_that_is_running() {
             .collect()
     };
     let before = strip(tree_with_bytes(root.path()));
-    let (code, stderr) = run_restore(logs.path(), &saved.snap, &[]);
+    let (code, stderr) = common::run_restore(logs.path(), &saved.snap, &[]);
     assert!(
         code.is_some_and(|c| c != 0),
         "a second restore ran: {stderr}"

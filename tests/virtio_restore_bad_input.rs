@@ -7,8 +7,7 @@ mod common;
 mod virtio_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::{
     add_tap, ctl_ok, ip, read_console, shm_tempdir, start_builtin_vm, text, tree_with_bytes,
@@ -39,35 +38,11 @@ fn take_snapshot(dir: &Path, extra: &[&str]) -> (PathBuf, u64) {
 fn expect_restore_refused(root: &Path, snap: &Path, needles: &[&str]) {
     let logs = tempfile::tempdir().unwrap();
     let before = tree_with_bytes(root);
-    let err = logs.path().join("restore.stderr");
-    let mut child = Command::new(common::waterbear())
-        .args(["restore", "--from", s(snap)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the restore from {} was accepted and ran: {}",
-                snap.display(),
-                read_console(&err)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = read_console(&err);
+    let (code, stderr) = common::run_restore(logs.path(), snap, &[]);
     assert_eq!(
-        status.code(),
+        code,
         Some(1),
-        "restore not refused (exit {status}): {stderr}"
+        "restore not refused (exit {code:?}): {stderr}"
     );
     for needle in needles {
         assert!(

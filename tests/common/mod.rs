@@ -493,3 +493,37 @@ pub fn open_files(pid: u32) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Runs `waterbear restore --from FROM EXTRA...` with its output in `logs`; returns
+/// its exit code and stderr. A restore that is still running after 20 s was accepted:
+/// it is killed and the test fails.
+pub fn run_restore(logs: &Path, from: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let err_path = logs.join(format!("restore-{}.stderr", std::process::id()));
+    let mut child = Command::new(waterbear())
+        .arg("restore")
+        .arg("--from")
+        .arg(from)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "restore --from {} {extra:?} was accepted and ran: {}",
+                from.display(),
+                read_console(&err_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), read_console(&err_path))
+}

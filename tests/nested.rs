@@ -63,16 +63,37 @@ fn run_scenario(scenario: &str) {
     };
     let mut output = run();
     // A test host that froze without a verdict (QEMU killed by its timeout) is run up to
-    // twice more, loudly: see docs/limitations.md. Any verdict, pass or fail, is final.
+    // twice more; a scenario that failed, once more. Both loudly, with the evidence of
+    // the failed run: see docs/limitations.md for the intermittent failures this is for.
+    // A second failure verdict is final.
+    let mut failed_runs = 0;
     for _ in 0..2 {
-        if output.status.success()
-            || !String::from_utf8_lossy(&output.stderr).contains("no verdict")
-        {
+        if output.status.success() {
             break;
         }
+        let froze = String::from_utf8_lossy(&output.stderr).contains("no verdict");
+        if !froze {
+            failed_runs += 1;
+            if failed_runs > 1 {
+                break;
+            }
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
         let line = format!(
-            "RETRY: nested scenario {scenario}: the test host froze without a verdict; \
-             running it again (docs/limitations.md)\n"
+            "RETRY: nested scenario {scenario}: {}; running it again \
+             (docs/limitations.md). Last lines of the failed run:\n{}\n",
+            if froze {
+                "the test host froze without a verdict".to_string()
+            } else {
+                format!(
+                    "it failed: {}",
+                    stdout
+                        .lines()
+                        .find(|l| l.starts_with("WB-SCENARIO"))
+                        .unwrap_or("no verdict line")
+                )
+            },
+            last_lines(&stdout, 40)
         );
         let _ = std::io::stderr().write_all(line.as_bytes());
         output = run();

@@ -28,6 +28,19 @@ fail() {
     exit 1
 }
 
+# show_exit_context: after waterbear exited unexpectedly, the end of its log (when the
+# scenario keeps one in VMM_LOG) and of the guest's console, to tell why.
+show_exit_context() {
+    if [ -n "${VMM_LOG:-}" ] && [ -f "$VMM_LOG" ]; then
+        note "the end of waterbear's log ($VMM_LOG):"
+        tail -n 15 "$VMM_LOG" | sed 's/^/log| /'
+    fi
+    if [ -f "$WB_DIR/log" ]; then
+        note "the end of the guest console:"
+        tail -n 15 "$WB_DIR/log" | sed 's/^/console| /'
+    fi
+}
+
 # us_of $EPOCHREALTIME: "seconds.micros" as integer microseconds. Reading
 # $EPOCHREALTIME needs no fork, so timestamps are taken where they are wanted; the
 # hot paths convert inline instead of paying for a command substitution.
@@ -131,6 +144,7 @@ wb_expect() {
         fi
         if [ "$reader_done" = 1 ]; then
             wb_reap
+            show_exit_context
             fail "waterbear exited with status $WB_STATUS before printing /$ere/"
         fi
         [ "$(us_of "$EPOCHREALTIME")" -lt "$deadline" ] ||
@@ -353,6 +367,7 @@ wb_expect_after() {
         fi
         if [ "$reader_done" = 1 ]; then
             wb_reap
+            show_exit_context
             fail "waterbear exited with status $WB_STATUS before printing /$ere/"
         fi
         [ "$(us_of "$EPOCHREALTIME")" -lt "$deadline" ] ||

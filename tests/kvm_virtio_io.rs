@@ -205,6 +205,14 @@ fn disk_io_carries_on_across_live_update_and_snapshot_restore() {
     vm.wait_api(BOOT);
     wait_disk_tick(&mut vm, &console, 3);
 
+    // The API shows the disk, started by the guest's driver.
+    let info = ctl_ok(&api, &["info"]);
+    let disk = &info["devices"][0];
+    assert_eq!(disk["kind"], "disk", "{info}");
+    assert_eq!(disk["driver"], "running", "{info}");
+    assert_eq!(disk["capacity_sectors"], 2048, "{info}");
+    assert_eq!(disk["gsi"], 5, "{info}");
+
     // Live update in the middle of the guest's I/O.
     let update = ctl_ok(&api, &["update"]);
     assert_eq!(update["outcome"], "updated", "{update}");

@@ -196,6 +196,18 @@ impl MmioDevice for Transport {
     }
 }
 
+/// "running" once the guest's driver started the device, "needs_reset" after the driver
+/// broke it, "not_started" before.
+fn driver_state(running: bool, needs_reset: bool) -> &'static str {
+    if needs_reset {
+        "needs_reset"
+    } else if running {
+        "running"
+    } else {
+        "not_started"
+    }
+}
+
 /// Descriptors a live update handed over, each in configuration order.
 #[derive(Default)]
 pub struct HandedOver {
@@ -321,6 +333,45 @@ impl VirtioDevices {
             }
         }
         (disks, taps)
+    }
+
+    /// The devices as `GET /vm` shows them: where each sits, whether the guest's driver
+    /// runs it, and for a network interface its traffic counters.
+    pub fn info(&self) -> Vec<serde_json::Value> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                let (base, gsi) = virtio_slot(index).unwrap_or_default();
+                let t = lock(&slot.transport);
+                let mut v = match &*t {
+                    Transport::Block(t) => {
+                        let d = t.device();
+                        serde_json::json!({
+                            "kind": "disk",
+                            "id": d.state().id,
+                            "path": d.path(),
+                            "read_only": d.read_only(),
+                            "capacity_sectors": d.capacity_sectors(),
+                            "driver": driver_state(t.is_running(), t.needs_reset()),
+                        })
+                    }
+                    Transport::Net(t) => {
+                        let d = t.device();
+                        serde_json::json!({
+                            "kind": "net",
+                            "tap": d.config().tap,
+                            "mac": d.config().mac.to_string(),
+                            "counters": d.counters(),
+                            "driver": driver_state(t.is_running(), t.needs_reset()),
+                        })
+                    }
+                };
+                v["mmio_base"] = format!("{base:#x}").into();
+                v["gsi"] = gsi.into();
+                v
+            })
+            .collect()
     }
 
     /// Checks that every tap is still there, so that a live update does not hand over a

@@ -362,6 +362,7 @@ impl Machine {
                 "backend": self.ram.backend(),
             },
             "kernel": self.config.kernel,
+            "devices": self.devices.virtio.info(),
             "state_dir": self.state_dir.path(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "startup_ms": self.startup_ms,

@@ -144,13 +144,13 @@ fn restore_rejects_a_state_file_of_another_format_version() {
     let root = shm_tempdir();
     let saved = take_snapshot(root.path(), "vm", true);
     let state = saved.state();
-    // Format 1 is what waterbear wrote before virtio devices were saved.
+    // A format from a newer waterbear.
     let mut b = std::fs::read(&state).unwrap();
-    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
     let crc = crc32fast::hash(&b[0..28]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&state, &b).unwrap();
-    expect_refused(root.path(), &saved.snap, &[], &[s(&state), "version 1"]);
+    expect_refused(root.path(), &saved.snap, &[], &[s(&state), "version 3"]);
 }
 
 #[test]

@@ -22,6 +22,9 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"WBSNAPv1";
 /// Bumped whenever the payload's encoding or meaning changes incompatibly.
 pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this waterbear still reads (and writes back for a fallback): 1,
+/// before the virtio devices (see `vmm::compat`).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 32;
 /// No VM state comes close; anything larger is corrupt or not ours.
 pub const MAX_PAYLOAD_LEN: u64 = 64 << 20;
@@ -45,7 +48,8 @@ pub enum SnapshotError {
     #[error("snapshot {path} has a corrupt header (header checksum mismatch)")]
     BadHeaderChecksum { path: PathBuf },
     #[error(
-        "snapshot {path} has format version {found}; this waterbear reads version {FORMAT_VERSION}"
+        "snapshot {path} has format version {found}; this waterbear reads versions \
+         {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
     #[error(
@@ -97,7 +101,7 @@ impl Header {
             return Err(SnapshotError::BadHeaderChecksum { path: path.into() });
         }
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(SnapshotError::Version {
                 path: path.into(),
                 found: version,
@@ -121,10 +125,19 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// Frames `payload` as snapshot bytes: header then encoded payload.
 pub fn encode_frame<T: Serialize>(payload: &T) -> Result<(Header, Vec<u8>), SnapshotError> {
+    encode_frame_as(payload, FORMAT_VERSION)
+}
+
+/// [`encode_frame`] with an older format version in the header, for a payload of that
+/// version's layout (a live update's fallback to a binary that reads only it).
+pub fn encode_frame_as<T: Serialize>(
+    payload: &T,
+    version: u32,
+) -> Result<(Header, Vec<u8>), SnapshotError> {
     let body = bincode::serde::encode_to_vec(payload, bincode_config())
         .map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let header = Header {
-        version: FORMAT_VERSION,
+        version,
         flags: 0,
         payload_len: body.len() as u64,
         payload_crc32: crc32fast::hash(&body),

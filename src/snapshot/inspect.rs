@@ -7,14 +7,14 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::{decode_payload, read_file, SnapshotError};
+use super::{read_file, SnapshotError};
 use crate::vmm::saved::VmSnapshot;
 use crate::vmm::state::VcpuState;
 
 /// Reads and checks `path` and returns its header and state as JSON.
 pub fn inspect(path: &Path) -> Result<Value, SnapshotError> {
     let (header, payload) = read_file(path)?;
-    let snap: VmSnapshot = decode_payload(path, &payload)?;
+    let snap: VmSnapshot = crate::vmm::compat::decode_snapshot(path, header.version, &payload)?;
     Ok(json!({
         "file": path,
         "header": header,

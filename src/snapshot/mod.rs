@@ -10,6 +10,6 @@ mod format;
 pub mod inspect;
 
 pub use format::{
-    decode_payload, encode_frame, read_file, write_atomic, write_file, Header, SnapshotError,
-    FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN,
+    decode_payload, encode_frame, encode_frame_as, read_file, write_atomic, write_file, Header,
+    SnapshotError, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN,
 };

@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod builder;
+pub mod compat;
 pub mod config;
 pub mod control;
 pub mod cpuid;

@@ -168,8 +168,8 @@ pub fn read_snapshot(dir: &Path) -> Result<VmSnapshot, SavedError> {
         return Err(SavedError::NoDir(dir.into()));
     }
     let path = dir.join(STATE_FILE);
-    let (_, payload) = snapshot::read_file(&path)?;
-    let snap: VmSnapshot = snapshot::decode_payload(&path, &payload)?;
+    let (header, payload) = snapshot::read_file(&path)?;
+    let snap = super::compat::decode_snapshot(&path, header.version, &payload)?;
     snap.check(dir)?;
     check_description(dir, &snap)?;
     Ok(snap)

@@ -81,6 +81,14 @@ pub struct Handoff {
     pub paused: bool,
     /// A memory file whose snapshot marker is valid while the VM stays paused.
     pub snapshot_memory: Option<PathBuf>,
+    /// The state format the hand-over arrived in (not part of it): a fallback writes it
+    /// back in that format, the only one the previous binary may read.
+    #[serde(skip, default = "current_format")]
+    pub format_version: u32,
+}
+
+fn current_format() -> u32 {
+    snapshot::FORMAT_VERSION
 }
 
 impl Handoff {
@@ -196,7 +204,7 @@ pub fn open_self_exe() -> std::io::Result<File> {
 
 /// Writes the hand-over into a new memfd without close-on-exec.
 pub fn write_handoff(handoff: &Handoff) -> Result<OwnedFd, UpdateError> {
-    let (_, bytes) = snapshot::encode_frame(handoff).map_err(UpdateError::Encode)?;
+    let bytes = super::compat::encode_handoff(handoff).map_err(UpdateError::Encode)?;
     let name = c"waterbear-handoff";
     // SAFETY: a valid NUL-terminated name and flags; the result is checked.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
@@ -220,8 +228,8 @@ pub fn write_handoff(handoff: &Handoff) -> Result<OwnedFd, UpdateError> {
 pub fn read_handoff(fd: RawFd) -> Result<Handoff, UpdateError> {
     let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
     let read = (|| {
-        let (_, payload) = snapshot::read_file(&path)?;
-        snapshot::decode_payload::<Handoff>(&path, &payload)
+        let (header, payload) = snapshot::read_file(&path)?;
+        super::compat::decode_handoff(&path, header.version, &payload)
     })();
     // SAFETY: the descriptor was handed to this process for this purpose only.
     drop(unsafe { OwnedFd::from_raw_fd(fd) });

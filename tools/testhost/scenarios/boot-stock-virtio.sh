@@ -12,6 +12,9 @@
 # Metrics: time_to_init_ms, stock_virtio_ready_ms (WB-INIT to WB-NET-READY: modules,
 # disk and network checks), net_ping_avg_ms, net_fetch_512kib_ms, vmm_rss_kib.
 
+# shellcheck source=../virtio-lib.sh
+. /testhost/virtio-lib.sh
+
 disk_prepare_images
 net_tap_up
 wb_start boot-stock-virtio --kernel "$GUEST_DIR/vmlinuz-stock" --initrd "$GUEST_DIR/initramfs.cpio.gz" \

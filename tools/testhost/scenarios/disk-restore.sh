@@ -26,6 +26,9 @@
 # as the test host saw them arrive), disk_acks_total, the host reset figures of
 # reset-lib (restore_latency_ms_writer, ...), scenario_wall_s.
 
+# shellcheck source=../virtio-lib.sh
+. /testhost/virtio-lib.sh
+
 # shellcheck source=../reset-lib.sh
 . /testhost/reset-lib.sh
 

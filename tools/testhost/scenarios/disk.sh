@@ -11,6 +11,9 @@
 # Metrics: time_to_init_ms, disk_checks_ms (WB-INIT to WB-DISK-OK: mount, 512 KiB
 # written and read back, the read-only disk read twice), vmm_rss_kib.
 
+# shellcheck source=../virtio-lib.sh
+. /testhost/virtio-lib.sh
+
 disk_prepare_images
 wb_start disk --kernel "$GUEST_DIR/vmlinux" --initrd "$GUEST_DIR/initramfs.cpio.gz" \
     --cpus 1 --memory 256M --cmdline "$(guest_cmdline disk) wb.ro_disk=vdb wb.xfer_kib=$XFER_KIB" \

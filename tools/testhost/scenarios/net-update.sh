@@ -13,6 +13,9 @@
 # Metrics per update: net_update_blackout_ms (ctl's blackout_ms), net_update_ping_sent,
 # net_update_ping_lost; then net_update_ping_lost_max.
 
+# shellcheck source=../virtio-lib.sh
+. /testhost/virtio-lib.sh
+
 UPDATES=3
 PINGS=60
 MAX_LOST=5

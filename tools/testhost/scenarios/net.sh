@@ -13,6 +13,9 @@
 # Metrics: time_to_init_ms, net_ping_avg_ms (test host to guest), net_fetch_512kib_ms
 # (the test host's wget of the guest's file), vmm_rss_kib.
 
+# shellcheck source=../virtio-lib.sh
+. /testhost/virtio-lib.sh
+
 MAC=52:54:00:12:34:56
 net_tap_up
 wb_start net --kernel "$GUEST_DIR/vmlinux" --initrd "$GUEST_DIR/initramfs.cpio.gz" \

@@ -11,24 +11,29 @@
 //! raises each device's interrupt, so that a notification that arrived during the pause,
 //! or before a snapshot that is being restored, is not lost.
 
+mod events;
+mod transport;
+
+pub use events::QueueEvents;
+pub use transport::{Transport, VirtioDeviceState};
+
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::VmConfig;
 use super::layout::{virtio_slot, VIRTIO_MMIO_SIZE};
-use super::memory::saved_marker;
-use crate::devices::bus::{lock, MmioBus, MmioDevice};
-use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockState};
-use crate::devices::virtio::mmio::{reg, MmioTransport, MmioTransportState, RestoreError};
-use crate::devices::virtio::net::{Net, NetConfig, NetError, NetState};
-use crate::devices::virtio::{EventFdInterrupt, Interrupt, Memory, VirtioDevice};
+use crate::devices::bus::{lock, MmioBus};
+use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::mmio::{reg, RestoreError};
+use crate::devices::virtio::net::NetError;
+use crate::devices::virtio::{EventFdInterrupt, Memory};
+use events::{Source, Watched};
+use transport::{block_transport, driver_state, net_transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
@@ -88,124 +93,6 @@ pub enum VirtioError {
     SavedMemory { path: PathBuf },
     #[error("disks {first} and {second} are the same file; give each disk its own file")]
     SameFile { first: PathBuf, second: PathBuf },
-}
-
-/// A device's state in a snapshot: its backend and its transport.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VirtioDeviceState {
-    Block {
-        disk: BlockState,
-        transport: MmioTransportState,
-    },
-    Net {
-        net: NetState,
-        transport: MmioTransportState,
-    },
-}
-
-impl VirtioDeviceState {
-    fn kind(&self) -> &'static str {
-        match self {
-            VirtioDeviceState::Block { .. } => "disk",
-            VirtioDeviceState::Net { .. } => "network interface",
-        }
-    }
-
-    /// The error for this state found where the configuration has a `configured`.
-    fn not_a(&self, index: usize, configured: &'static str) -> VirtioError {
-        VirtioError::Kind {
-            index,
-            saved: self.kind(),
-            configured,
-        }
-    }
-}
-
-/// One device behind its transport.
-pub enum Transport {
-    Block(MmioTransport<Block>),
-    Net(MmioTransport<Net>),
-}
-
-impl Transport {
-    fn notify_queue(&mut self, index: u32) {
-        match self {
-            Transport::Block(t) => t.notify_queue(index),
-            Transport::Net(t) => t.notify_queue(index),
-        }
-    }
-
-    fn process_after_resume(&mut self) {
-        match self {
-            Transport::Block(t) => t.process_after_resume(),
-            Transport::Net(t) => t.process_after_resume(),
-        }
-    }
-
-    fn state(&self) -> VirtioDeviceState {
-        match self {
-            Transport::Block(t) => VirtioDeviceState::Block {
-                disk: t.device().state(),
-                transport: t.save(),
-            },
-            Transport::Net(t) => VirtioDeviceState::Net {
-                net: t.device().state(),
-                transport: t.save(),
-            },
-        }
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Transport::Block(t) => t.device().name().to_string(),
-            Transport::Net(t) => t.device().name().to_string(),
-        }
-    }
-
-    fn queue_count(&self) -> usize {
-        match self {
-            Transport::Block(t) => t.device().queue_max_sizes().len(),
-            Transport::Net(t) => t.device().queue_max_sizes().len(),
-        }
-    }
-
-    /// The file descriptor whose readiness means work for queue 0 (a tap's received
-    /// frames), if any.
-    fn backend_fd(&self) -> Option<RawFd> {
-        match self {
-            Transport::Block(_) => None,
-            Transport::Net(t) => Some(t.device().as_raw_fd()),
-        }
-    }
-}
-
-impl MmioDevice for Transport {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match self {
-            Transport::Block(t) => t.read(offset, data),
-            Transport::Net(t) => t.read(offset, data),
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        match self {
-            Transport::Block(t) => t.write(offset, data),
-            Transport::Net(t) => t.write(offset, data),
-        }
-    }
-}
-
-/// "running" once the guest's driver started the device, "needs_reset" after the driver
-/// broke it, "not_started" before.
-fn driver_state(running: bool, needs_reset: bool) -> &'static str {
-    if needs_reset {
-        "needs_reset"
-    } else if running {
-        "running"
-    } else {
-        "not_started"
-    }
 }
 
 /// Descriptors a live update handed over, each in configuration order.
@@ -451,99 +338,6 @@ impl VirtioDevices {
     }
 }
 
-fn block_transport(
-    w: &Wiring,
-    config: &BlockConfig,
-    saved: Option<&VirtioDeviceState>,
-    handed: Option<OwnedFd>,
-    index: usize,
-) -> Result<(Transport, EventFdInterrupt), VirtioError> {
-    // A saved VM's memory file (its marker says so) is no disk: writing it would destroy
-    // that VM. A running VM's memory file is refused by its lock.
-    if !config.read_only && saved_marker(&config.path).exists() {
-        return Err(VirtioError::SavedMemory {
-            path: config.path.clone(),
-        });
-    }
-    let transport = match saved {
-        None => with_interrupt(w, &config.id, None, Block::open(config)?)?,
-        Some(VirtioDeviceState::Block { disk, transport }) => {
-            let device = match handed {
-                Some(fd) => Block::restore_handed_over(config, disk, fd)?,
-                None => Block::restore(config, disk)?,
-            };
-            with_interrupt(w, &config.id, Some(transport), device)?
-        }
-        Some(other) => return Err(other.not_a(index, "disk")),
-    };
-    Ok((Transport::Block(transport.0), transport.1))
-}
-
-fn net_transport(
-    w: &Wiring,
-    config: &NetConfig,
-    saved: Option<&VirtioDeviceState>,
-    handed_tap: Option<OwnedFd>,
-    index: usize,
-) -> Result<(Transport, EventFdInterrupt), VirtioError> {
-    let transport = match saved {
-        None => with_interrupt(w, &config.tap, None, Net::open(config)?)?,
-        Some(VirtioDeviceState::Net { net, transport }) => {
-            let device = match handed_tap {
-                Some(fd) => Net::restore_attached(config, net, fd)?,
-                None => Net::restore(config, net)?,
-            };
-            with_interrupt(w, &config.tap, Some(transport), device)?
-        }
-        Some(other) => return Err(other.not_a(index, "network interface")),
-    };
-    Ok((Transport::Net(transport.0), transport.1))
-}
-
-/// Puts `device` behind a transport, fresh or restored from `saved`, with a new
-/// interrupt eventfd; returns the transport and the interrupt for `place` to bind.
-fn with_interrupt<D: VirtioDevice>(
-    w: &Wiring,
-    label: &str,
-    saved: Option<&MmioTransportState>,
-    device: D,
-) -> Result<(MmioTransport<D>, EventFdInterrupt), VirtioError> {
-    let irq = interrupt(label)?;
-    let shared: Arc<dyn Interrupt> = Arc::new(irq_clone(&irq, label)?);
-    let transport = match saved {
-        None => MmioTransport::new(device, w.mem.clone(), shared),
-        Some(state) => {
-            let name = device.name().to_string();
-            MmioTransport::restore(device, w.mem.clone(), shared, state).map_err(|source| {
-                VirtioError::Restore {
-                    device: name,
-                    source,
-                }
-            })?
-        }
-    };
-    Ok((transport, irq))
-}
-
-fn interrupt(device: &str) -> Result<EventFdInterrupt, VirtioError> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map(EventFdInterrupt::new)
-        .map_err(|source| VirtioError::EventFd {
-            device: device.to_string(),
-            source,
-        })
-}
-
-fn irq_clone(irq: &EventFdInterrupt, device: &str) -> Result<EventFdInterrupt, VirtioError> {
-    irq.eventfd()
-        .try_clone()
-        .map(EventFdInterrupt::new)
-        .map_err(|source| VirtioError::EventFd {
-            device: device.to_string(),
-            source,
-        })
-}
-
 /// Puts device `index` at its slot: the irqfd on its GSI, an ioeventfd per queue on its
 /// QueueNotify register, its window on the MMIO bus.
 fn place(
@@ -584,63 +378,4 @@ fn place(
         transport,
         queue_evts,
     })
-}
-
-enum Source {
-    /// A queue's ioeventfd.
-    Notify(EventFd),
-    /// A backend's fd (a tap), watched edge-triggered.
-    Backend(RawFd),
-}
-
-struct Watched {
-    transport: Arc<Mutex<Transport>>,
-    queue: u32,
-    source: Source,
-}
-
-impl Watched {
-    fn fd(&self) -> RawFd {
-        match &self.source {
-            Source::Notify(evt) => evt.as_raw_fd(),
-            Source::Backend(fd) => *fd,
-        }
-    }
-}
-
-/// Processes a queue when its notification or its backend fires, unless the VM is paused.
-pub struct QueueEvents {
-    watched: Vec<Watched>,
-    active: Arc<AtomicBool>,
-}
-
-impl MutEventSubscriber for QueueEvents {
-    fn init(&mut self, ops: &mut EventOps) {
-        for w in &self.watched {
-            let events = match w.source {
-                Source::Notify(_) => EventSet::IN,
-                // Edge-triggered: a frame the guest has no buffer for stays in the tap
-                // without waking the loop again; the guest's next RX notification
-                // carries on reading.
-                Source::Backend(_) => EventSet::IN | EventSet::EDGE_TRIGGERED,
-            };
-            if let Err(e) = ops.add(Events::new_raw(w.fd(), events)) {
-                log::error!("cannot watch a virtio queue event: {e:?}");
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let fd = events.fd();
-        let Some(w) = self.watched.iter().find(|w| w.fd() == fd) else {
-            return;
-        };
-        if let Source::Notify(evt) = &w.source {
-            let _ = evt.read();
-        }
-        // While paused the notification is dropped: resume processes every queue.
-        if self.active.load(Ordering::SeqCst) {
-            lock(&w.transport).notify_queue(w.queue);
-        }
-    }
 }

@@ -336,6 +336,12 @@ fn three_live_updates_in_a_row_keep_the_pid_and_the_guest_running() {
         vm.wait_tick(before + 3, TICKS);
     }
     vm.shutdown();
+    // The last process removes what the first created: the state directory is gone.
+    assert!(
+        !d.join("state").exists(),
+        "the state directory outlived the VM after live updates: {:?}",
+        common::tree(&d.join("state"))
+    );
     let all = read_console(&console);
     assert_eq!(banners(&all), 1, "a live update rebooted the guest:\n{all}");
     assert_consecutive_ok_ticks(&all);

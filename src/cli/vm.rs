@@ -260,6 +260,7 @@ pub(crate) fn restore(args: RestoreArgs) -> u8 {
         start_paused: args.paused,
         copy_memory: args.copy_memory,
         snapshot_dir: None,
+        state_dir_owned: None,
     };
     match restore_from_dir(&args.from, &opts) {
         Ok(vmm) => run_vmm(vmm),

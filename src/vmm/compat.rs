@@ -174,6 +174,8 @@ pub fn decode_handoff(path: &Path, version: u32, payload: &[u8]) -> Result<Hando
         log_file: h.log_file,
         paused: h.paused,
         snapshot_memory: h.snapshot_memory,
+        // 0.1 did not pass this on; its last process leaves the directory in place.
+        state_dir_owned: (false, false),
         format_version: VERSION,
     })
 }
@@ -250,6 +252,7 @@ mod tests {
             log_file: None,
             paused: false,
             snapshot_memory: None,
+            state_dir_owned: (true, true),
             format_version,
         }
     }

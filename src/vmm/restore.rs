@@ -37,6 +37,8 @@ pub struct RestoreOptions {
     pub copy_memory: bool,
     /// The directory the snapshot is read from (set by `restore_from_dir`).
     pub snapshot_dir: Option<PathBuf>,
+    /// What a live update says the first VMM created in the state directory.
+    pub state_dir_owned: Option<(bool, bool)>,
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -142,6 +144,9 @@ pub fn build_restored(
         .as_deref()
         .is_some_and(|d| same_dir(d, &snap.config.state_dir));
     let mut state_dir = StateDir::acquire_with(&snap.config.state_dir, restoring_here)?;
+    if let Some(owned) = opts.state_dir_owned {
+        state_dir.adopt(owned);
+    }
     // A socket inherited from a live update stays in place on failure: the fallback
     // keeps serving it.
     let bound_here = matches!(api, ApiSource::Bind);
@@ -235,6 +240,7 @@ pub fn restore_from_handoff(handoff: &Handoff) -> Result<Vmm, VmmError> {
     let opts = RestoreOptions {
         start_paused: handoff.paused,
         snapshot_dir: Some(handoff.snapshot.config.state_dir.clone()),
+        state_dir_owned: Some(handoff.state_dir_owned),
         ..RestoreOptions::default()
     };
     let mut vmm = build_restored(

@@ -101,6 +101,18 @@ impl StateDir {
         &self.path
     }
 
+    /// Whether this process created the directory and the lock file, for a live update
+    /// to pass on: the next process removes them when the VM finally stops.
+    pub fn ownership(&self) -> (bool, bool) {
+        (self.created_dir, self.created_lock)
+    }
+
+    /// Takes over the ownership a live update passed on (see [`StateDir::ownership`]).
+    pub fn adopt(&mut self, (created_dir, created_lock): (bool, bool)) {
+        self.created_dir |= created_dir;
+        self.created_lock |= created_lock;
+    }
+
     /// Writes `config.json` atomically: temporary name, fsync, rename, fsync of the dir.
     pub fn write_config(&self, config: &VmConfig) -> Result<(), StateDirError> {
         let json = serde_json::to_vec_pretty(config).expect("VmConfig always serialises");

@@ -81,6 +81,9 @@ pub struct Handoff {
     pub paused: bool,
     /// A memory file whose snapshot marker is valid while the VM stays paused.
     pub snapshot_memory: Option<PathBuf>,
+    /// Whether the VMM that first started this VM created its state directory and lock
+    /// file, so that the last process removes them when the VM stops.
+    pub state_dir_owned: (bool, bool),
     /// The state format the hand-over arrived in (not part of it): a fallback writes it
     /// back in that format, the only one the previous binary may read.
     #[serde(skip, default = "current_format")]

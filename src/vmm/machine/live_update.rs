@@ -140,6 +140,7 @@ impl Machine {
             failure: None,
             paused: was_paused,
             snapshot_memory: self.snapshot_memory.clone(),
+            state_dir_owned: self.state_dir.ownership(),
             format_version: crate::snapshot::FORMAT_VERSION,
             terminal: self.terminal.clone(),
             log_level: log_level.to_string(),

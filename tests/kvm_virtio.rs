@@ -518,6 +518,12 @@ fn a_live_update_after_the_tap_was_deleted_keeps_the_guest() {
         vm.wait_tick(2, BOOT);
         common::ip(&["link", "del", TAP]);
         update_keeping_the_guest(&mut vm, "after the tap was deleted");
+        // Refused before the guest was touched, saying what happened and what to do.
+        let out = common::ctl(&vm.api, &["update"]);
+        let err = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{err}");
+        assert!(err.contains("409") && err.contains("was deleted"), "{err}");
+        assert!(err.contains("--keep-paused"), "{err}");
         vm.shutdown();
     };
     if let Err(reason) = in_private_netns(body) {

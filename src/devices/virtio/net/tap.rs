@@ -24,6 +24,12 @@ const TUN_PATH: &str = "/dev/net/tun";
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error(
+        "tap interface {name}, which this VM is attached to, was deleted: the guest's network \
+         interface has no link and a live update cannot hand it over; save the VM (ctl \
+         snapshot DIR --keep-paused), stop it, create the tap again and restore it"
+    )]
+    Deleted { name: String },
+    #[error(
         "tap interface name {name:?} is not valid: {why}; give the name of an existing tap \
          interface"
     )]
@@ -146,7 +152,7 @@ pub fn check_attached(fd: RawFd, name: &str) -> Result<(), TapError> {
     if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut ifr) } < 0 {
         let source = io::Error::last_os_error();
         if source.raw_os_error() == Some(libc::EBADFD) {
-            return Err(TapError::NotFound {
+            return Err(TapError::Deleted {
                 name: name.to_string(),
             });
         }

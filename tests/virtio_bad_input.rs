@@ -416,9 +416,27 @@ fn the_same_disk_file_by_another_name_is_refused() {
                 "--disk",
                 &format!("path={}{opts}", s(other)),
             ],
-            &[s(other)],
+            &[s(other), "same file"],
         );
     }
+}
+
+#[test]
+fn a_disk_smaller_than_one_sector_is_refused() {
+    require_kvm!();
+    let d = shm_tempdir();
+    for (name, len) in [("empty.img", 0usize), ("tiny.img", 100)] {
+        let disk = d.path().join(name);
+        make_disk(&disk, len);
+        expect_refused(
+            d.path(),
+            &["--disk", &format!("path={}", s(&disk))],
+            &[s(&disk), "smaller than one 512-byte sector"],
+        );
+    }
+    let one = d.path().join("one-sector.img");
+    make_disk(&one, 512);
+    expect_runs(d.path(), &["--disk", &format!("path={}", s(&one))]);
 }
 
 #[test]

@@ -109,8 +109,8 @@ fn restore_refuses_a_disk_of_another_size() {
     expect_restore_refused(root.path(), &snap, &[s(&disk), "2047"]);
     std::fs::write(&disk, &original).unwrap();
     // The read-only disk too.
-    set_len(&ro, 0);
-    expect_restore_refused(root.path(), &snap, &[s(&ro), "128", "0"]);
+    set_len(&ro, 512);
+    expect_restore_refused(root.path(), &snap, &[s(&ro), "128", "is now 1"]);
     make_disk(&ro, 64 << 10);
     expect_restore_runs(&d, &snap, tick);
     assert!(

@@ -102,6 +102,29 @@ pub struct HandedOver {
     pub taps: Vec<OwnedFd>,
 }
 
+/// Refuses two disk paths that name one file (a symlink, a hard link) before any is
+/// opened, so that the error says so rather than that the second finds the file locked.
+fn check_distinct_paths(
+    disks: &[crate::devices::virtio::block::BlockConfig],
+) -> Result<(), VirtioError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: Vec<((u64, u64), PathBuf)> = Vec::new();
+    for disk in disks {
+        let Ok(meta) = std::fs::metadata(&disk.path) else {
+            continue; // opening it reports the problem
+        };
+        let key = (meta.dev(), meta.ino());
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(VirtioError::SameFile {
+                first: first.clone(),
+                second: disk.path.clone(),
+            });
+        }
+        seen.push((key, disk.path.clone()));
+    }
+    Ok(())
+}
+
 /// Refuses two disks on one file under different names (a symlink, a hard link): the
 /// guest would see two disks whose writes land on each other.
 fn check_distinct_files(slots: &[Slot]) -> Result<(), VirtioError> {
@@ -183,6 +206,9 @@ impl VirtioDevices {
                 configured_disks: config.disks.len(),
                 configured_taps: config.nets.len(),
             });
+        }
+        if handed.disks.is_empty() {
+            check_distinct_paths(&config.disks)?;
         }
         let mut disks = handed.disks.into_iter();
         let mut slots = Vec::with_capacity(configured);

@@ -77,6 +77,8 @@ pub enum BlockError {
          shared only read-only (readonly=on everywhere)"
     )]
     InUse { path: PathBuf },
+    #[error("disk {path} is {size} bytes, smaller than one 512-byte sector: the guest would see an empty disk")]
+    TooSmall { path: PathBuf, size: u64 },
     #[error("disk {path} is neither a regular file nor a block device")]
     NotADisk { path: PathBuf },
     #[error("cannot find the size of disk file {path}")]
@@ -181,6 +183,9 @@ impl Block {
                 path: path.clone(),
                 source,
             })?;
+        if size < SECTOR_SIZE {
+            return Err(BlockError::TooSmall { path, size });
+        }
         Ok(Self::with_file(config, file, size / SECTOR_SIZE))
     }
 

@@ -100,12 +100,29 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
-        Command::Snapshot(SnapshotCommand::Inspect { file }) => inspect(file),
-        Command::Ctl(args) => ctl(args),
-        Command::Host(args) => host(args),
+        Command::Snapshot(SnapshotCommand::Inspect { file }) => {
+            quiet_on_closed_pipe();
+            inspect(file)
+        }
+        Command::Ctl(args) => {
+            quiet_on_closed_pipe();
+            ctl(args)
+        }
+        Command::Host(args) => {
+            quiet_on_closed_pipe();
+            host(args)
+        }
         Command::Bench(BenchCommand::Restore(args)) => bench(args, true),
         Command::Bench(BenchCommand::Update(args)) => bench(args, false),
         Command::ResumeUpdate { handoff_fd } => resume_update(handoff_fd),
     };
     ExitCode::from(code)
+}
+
+/// For commands that only print (never a VMM, whose guest must not die with its
+/// console's reader): a closed stdout (`| head`) ends the command quietly, as for other
+/// command-line tools, instead of a panic in `println!`.
+fn quiet_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }

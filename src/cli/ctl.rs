@@ -9,7 +9,8 @@ use crate::{print_json, report, EXIT_ERROR, EXIT_OK};
 
 #[derive(clap::Args)]
 pub(crate) struct CtlArgs {
-    /// The VM's API socket (by default <state-dir>/api.sock).
+    /// The VM's API socket: what `run --api-socket` gave, <state-dir>/api.sock unless
+    /// set there.
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
 

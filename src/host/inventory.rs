@@ -93,11 +93,14 @@ pub fn describe(dir: &Path) -> Option<VmEntry> {
         .iter()
         .flat_map(|c| &c.disks)
         .find(|d| is_volatile(&d.path));
-    let blocker = if !survives {
-        Some(format!("memory {memory} is not on a DAX filesystem"))
-    } else {
-        volatile_disk.map(|d| format!("disk {} is on a filesystem in RAM", d.path.display()))
-    };
+    let mut reasons = Vec::new();
+    if !survives {
+        reasons.push(format!("memory {memory} is not on a DAX filesystem"));
+    }
+    reasons.extend(
+        volatile_disk.map(|d| format!("disk {} is on a filesystem in RAM", d.path.display())),
+    );
+    let blocker = (!reasons.is_empty()).then(|| reasons.join("; "));
     Some(VmEntry {
         id,
         dir: dir.into(),

@@ -60,7 +60,7 @@ pub fn restore_all(root: &Path, binary: &Path) -> Result<Vec<RestoredVm>, HostEr
             Err(e) => out.error = Some(e),
             Ok(mut child) => {
                 out.pid = Some(child.id());
-                match wait_running(&mut child, vm.api_socket.as_deref()) {
+                match wait_running(&mut child, vm.api_socket.as_deref(), &vm.dir) {
                     Ok(info) => {
                         out.latency_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
                         out.startup_ms = info["startup_ms"].as_f64();
@@ -112,15 +112,19 @@ fn spawn_restore(binary: &Path, dir: &Path) -> Result<std::process::Child, Strin
 fn wait_running(
     child: &mut std::process::Child,
     api: Option<&Path>,
+    dir: &Path,
 ) -> Result<serde_json::Value, String> {
     let api = api.ok_or("the saved VM has no API socket")?;
     let client = ApiClient::new(api).with_timeouts(Duration::from_secs(1), Duration::from_secs(5));
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "its restore exited with {status}; see vmm.log in its state directory"
-            ));
+            return Err(match last_error(&dir.join("vmm.log")) {
+                Some(why) => format!("{why} (its restore exited with {status}; more in vmm.log)"),
+                None => {
+                    format!("its restore exited with {status}; see vmm.log in its state directory")
+                }
+            });
         }
         if let Ok(info) = client.info() {
             if info["pid"].as_u64() == Some(u64::from(child.id())) {
@@ -135,4 +139,23 @@ fn wait_running(
         }
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+/// The last error the VMM reported in its log (`waterbear: error: ...` and the causes
+/// under it), to show with the VM's failure.
+fn last_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .rposition(|l| l.starts_with("waterbear: error: "))?;
+    let mut why = lines[start]["waterbear: error: ".len()..].to_string();
+    for cause in lines[start + 1..]
+        .iter()
+        .take_while(|l| l.starts_with("  caused by: "))
+    {
+        why.push_str(": ");
+        why.push_str(&cause["  caused by: ".len()..]);
+    }
+    Some(why)
 }

@@ -262,3 +262,21 @@ fn disk_io_carries_on_across_live_update_and_snapshot_restore() {
     check_image(&g.disk, last);
     assert!(!joined.contains("BAD"), "{joined}");
 }
+
+#[test]
+fn a_snapshot_is_not_restorable_while_a_disk_file_is_renamed_away() {
+    require_kvm!();
+    let g = Guest::new();
+    let api = g.path("api.sock");
+    let mut vm = g.start("tick_ms=50 disk=1", "");
+    vm.wait_api(BOOT);
+    let away = g.path("moved.img");
+    std::fs::rename(&g.disk, &away).unwrap();
+    let report = ctl_ok(&api, &["snapshot", &s(&g.path("snap1")), "--keep-paused"]);
+    assert_eq!(report["restorable"], false, "{report}");
+    // Back in place (the VM kept the same file open): restorable again.
+    std::fs::rename(&away, &g.disk).unwrap();
+    let report = ctl_ok(&api, &["snapshot", &s(&g.path("snap2")), "--keep-paused"]);
+    assert_eq!(report["restorable"], true, "{report}");
+    vm.shutdown();
+}

@@ -78,8 +78,10 @@ pub fn restore_from_dir(dir: &Path, opts: &RestoreOptions) -> Result<Vmm, VmmErr
             copy,
         )?
     } else {
+        // Absolute: the restored VM's configuration (and any snapshot of it) must name
+        // the memory file wherever it is read from later.
         let backend = MemoryBackend::File {
-            path: memory_path.clone(),
+            path: std::path::absolute(&memory_path).unwrap_or_else(|_| memory_path.clone()),
         };
         let vmm = build_restored(
             snap,

@@ -40,7 +40,8 @@ pub struct SnapshotReport {
     pub blackout_ms: f64,
     pub memory: SavedMemory,
     /// Whether the snapshot can be restored: false once a guest on memory kept in
-    /// place has resumed, since that memory no longer matches the saved vCPU state.
+    /// place has resumed, since that memory no longer matches the saved vCPU state, and
+    /// false when a disk's path no longer names the file the VM has open.
     pub restorable: bool,
     pub paused: bool,
 }

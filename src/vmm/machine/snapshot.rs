@@ -66,6 +66,7 @@ impl Machine {
         };
         let blackout = t.elapsed();
         let stay_paused = keep_paused || was_paused;
+        let moved = self.devices.virtio.disks_moved();
         let mut report = SnapshotReport {
             dir: dir.clone(),
             blackout_ms: ms(blackout),
@@ -73,12 +74,22 @@ impl Machine {
             restorable: true,
             paused: true,
         };
+        if !moved.is_empty() {
+            log::warn!(
+                "VM {} snapshot to {}: disk files {moved:?} were renamed or deleted since the \
+                 VM opened them; a restore, which opens disks by path, will not find them",
+                self.config.id,
+                dir.display()
+            );
+            report.restorable = false;
+        }
         self.last_snapshot = Some(report.clone());
         if !stay_paused {
             self.resume()?;
             report.blackout_ms = ms(t.elapsed());
             report.paused = false;
-            report.restorable = self.last_snapshot.as_ref().is_some_and(|r| r.restorable);
+            report.restorable =
+                moved.is_empty() && self.last_snapshot.as_ref().is_some_and(|r| r.restorable);
             self.last_snapshot = Some(report.clone());
         }
         log::info!(

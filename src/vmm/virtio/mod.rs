@@ -320,6 +320,30 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// The disks whose path no longer names the file the VM has open (renamed, deleted or
+    /// replaced since): a restore, which opens disks by path, would not find them.
+    pub fn disks_moved(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let mut moved = Vec::new();
+        for slot in &self.slots {
+            let Transport::Block(t) = &*lock(&slot.transport) else {
+                continue;
+            };
+            let disk = t.device();
+            // SAFETY: fstat fills a stat buffer for a descriptor the device owns.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            let open = (unsafe { libc::fstat(disk.file_fd(), &mut st) } == 0)
+                .then_some((st.st_dev, st.st_ino));
+            let named = std::fs::metadata(disk.path())
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            if open.is_none() || open != named {
+                moved.push(disk.path().to_path_buf());
+            }
+        }
+        moved
+    }
+
     /// Stops queue processing; the vCPUs must be paused first.
     pub fn pause(&self) {
         self.active.store(false, Ordering::SeqCst);

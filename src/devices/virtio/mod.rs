@@ -123,8 +123,15 @@ pub trait VirtioDevice: Send {
     /// the end of the configuration read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
 
-    /// Writes device configuration space. Devices without writable fields ignore this.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Writes device configuration space. Devices without writable fields (the default)
+    /// ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "{}: ignored {}-byte config write at {offset:#x}",
+            self.name(),
+            data.len()
+        );
+    }
 
     /// Starts the device with the features the driver accepted; the transport has checked
     /// them against [`VirtioDevice::features`] and checked every ready queue.

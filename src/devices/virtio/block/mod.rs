@@ -320,14 +320,6 @@ impl VirtioDevice for Block {
         super::read_config_space(&self.config_space, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
-            "{}: ignored {}-byte config write at {offset:#x}",
-            self.name,
-            data.len()
-        );
-    }
-
     fn activate(&mut self, acked_features: u64) -> Result<(), ActivateError> {
         self.acked_features = acked_features;
         Ok(())

@@ -273,14 +273,8 @@ impl VirtioDevice for Net {
         super::read_config_space(&self.config_space, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // With VERSION_1 the MAC address in the configuration is read-only (5.1.4.2).
-        log::debug!(
-            "{}: ignored {}-byte config write at {offset:#x}",
-            self.name,
-            data.len()
-        );
-    }
+    // write_config: with VERSION_1 the MAC address in the configuration is read-only
+    // (5.1.4.2), so the trait's default (ignore) applies.
 
     fn activate(&mut self, acked_features: u64) -> Result<(), ActivateError> {
         self.acked_features = acked_features;

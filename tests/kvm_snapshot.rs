@@ -342,9 +342,7 @@ fn three_live_updates_in_a_row_keep_the_pid_and_the_guest_running() {
         "the state directory outlived the VM after live updates: {:?}",
         common::tree(&d.join("state"))
     );
-    let all = read_console(&console);
-    assert_eq!(banners(&all), 1, "a live update rebooted the guest:\n{all}");
-    assert_consecutive_ok_ticks(&all);
+    common::assert_one_boot_with_ok_ticks(&console, "a live update rebooted the guest");
 }
 
 #[test]
@@ -397,9 +395,7 @@ fn a_live_update_of_a_two_vcpu_vm_keeps_the_guest_running() {
     assert_eq!(now["vcpus"], 2, "{now}");
     vm.wait_tick(before + 5, TICKS);
     vm.shutdown();
-    let all = read_console(&console);
-    assert_eq!(banners(&all), 1, "{all}");
-    assert_consecutive_ok_ticks(&all);
+    common::assert_one_boot_with_ok_ticks(&console, "the guest booted again");
 }
 
 #[test]
@@ -432,9 +428,7 @@ fn a_live_update_whose_restore_fails_falls_back_and_the_guest_keeps_ticking() {
     assert_eq!(info["last_update"]["outcome"], "fallback", "{info}");
     vm.wait_tick(before + 5, TICKS);
     vm.shutdown();
-    let all = read_console(&console);
-    assert_eq!(banners(&all), 1, "the fallback rebooted the guest:\n{all}");
-    assert_consecutive_ok_ticks(&all);
+    common::assert_one_boot_with_ok_ticks(&console, "the fallback rebooted the guest");
 }
 
 #[test]
@@ -477,9 +471,7 @@ fn live_update_refuses_missing_non_executable_and_foreign_binaries() {
         vm.wait_tick(before + 2, TICKS);
     }
     vm.shutdown();
-    let all = read_console(&console);
-    assert_eq!(banners(&all), 1, "{all}");
-    assert_consecutive_ok_ticks(&all);
+    common::assert_one_boot_with_ok_ticks(&console, "the guest booted again");
 }
 
 fn meminfo(key: &str) -> Option<u64> {
@@ -586,9 +578,7 @@ fn hugepage_memfd_memory_survives_a_live_update() {
         "huge pages in use changed across the update: the memory was not kept in place"
     );
     vm.shutdown();
-    let all = read_console(&console);
-    assert_eq!(banners(&all), 1, "{all}");
-    assert_consecutive_ok_ticks(&all);
+    common::assert_one_boot_with_ok_ticks(&console, "the guest booted again");
 }
 
 #[test]

@@ -527,3 +527,12 @@ pub fn run_restore(logs: &Path, from: &Path, extra: &[&str]) -> (Option<i32>, St
     };
     (status.code(), read_console(&err_path))
 }
+
+/// Checks the whole console of a built-in guest that went through restores or updates:
+/// one boot banner, and tick lines consecutive and all ok. `what` says what would have
+/// rebooted it.
+pub fn assert_one_boot_with_ok_ticks(console: &Path, what: &str) {
+    let all = read_console(console);
+    assert_eq!(banners(&all), 1, "{what}:\n{all}");
+    assert_consecutive_ok_ticks(&all);
+}

@@ -581,6 +581,26 @@ rl_corrupt_state() {
     note "$1: flipped byte 100 of $file ($byte -> $((byte ^ 255)))"
 }
 
+# rl_restore_and_check "IDS" "CORRUPT": `host restore-all` after a reset brings every VM
+# in IDS back where it was (rl_before_restore, rl_restore_all, rl_check_restored), they all
+# run and answer their APIs; CORRUPT (or "") is the one restore-all must report.
+rl_restore_and_check() {
+    local vm
+    for vm in $1; do
+        rl_before_restore "$vm"
+    done
+    rl_restore_all "$1" "$2"
+    for vm in $1; do
+        rl_check_restored "$vm"
+    done
+    rl_status
+    # shellcheck disable=SC2086 # a list of ids
+    rl_expect_status running $1
+    for vm in $1; do
+        rl_check_api "$vm"
+    done
+}
+
 # rl_check_left_alone ID: restore-all left the corrupt VM as it was: still saved, its
 # state file unchanged, its memory file and marker in place, no VMM running for it.
 rl_check_left_alone() {

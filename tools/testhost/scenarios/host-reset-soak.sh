@@ -38,19 +38,7 @@ note "after reset $((RL_PHASE - 1)) of $RESETS"
 rl_status
 # shellcheck disable=SC2086 # a list of ids
 rl_expect_status saved $LINUX_VMS
-for vm in $LINUX_VMS; do
-    rl_before_restore "$vm"
-done
-rl_restore_all "$LINUX_VMS" ""
-for vm in $LINUX_VMS; do
-    rl_check_restored "$vm"
-done
-rl_status
-# shellcheck disable=SC2086 # a list of ids
-rl_expect_status running $LINUX_VMS
-for vm in $LINUX_VMS; do
-    rl_check_api "$vm"
-done
+rl_restore_and_check "$LINUX_VMS" ""
 echo "WB-METRIC host_reset_cycle_ms=$((($(rl_now_us) - ${RL_RESET_START_US:-0}) / 1000))"
 
 if [ "$RL_PHASE" -le "$RESETS" ]; then

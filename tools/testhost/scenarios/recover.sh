@@ -103,19 +103,7 @@ case $RL_PHASE in
     rl_status
     # shellcheck disable=SC2086 # a list of ids
     rl_expect_status saved $LINUX_VMS
-    for vm in $LINUX_VMS; do
-        rl_before_restore "$vm"
-    done
-    rl_restore_all "$LINUX_VMS" ""
-    for vm in $LINUX_VMS; do
-        rl_check_restored "$vm"
-    done
-    rl_status
-    # shellcheck disable=SC2086 # a list of ids
-    rl_expect_status running $LINUX_VMS
-    for vm in $LINUX_VMS; do
-        rl_check_api "$vm"
-    done
+    rl_restore_and_check "$LINUX_VMS" ""
     rl_finish
     ;;
 *) fail "recover has no phase $RL_PHASE" ;;
